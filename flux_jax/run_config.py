@@ -1,0 +1,504 @@
+"""Typed run configuration: frozen per-concern dataclasses loaded from YAML plus ``a.b=c`` overrides.
+
+A YAML file sets any subset of the sections below; everything it omits takes the dataclass default,
+so small files (``configs/mesh/*.yaml`` holding only ``mesh:`` and ``train.batch_size``) parse too.
+Unknown keys at any depth, wrong types and out-of-range values are errors that name the full dotted
+key and the file or override they came from. Values that only matter once training starts (a base
+checkpoint, a data path) are checked by :meth:`RunConfig.validate_for_training`, not at load time.
+
+Parsing a config has no side effects: it never initialises jax.distributed or touches devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from flux_jax.errors import FluxJaxError
+from flux_jax.sharding import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
+
+
+class ConfigError(FluxJaxError):
+    """A config file or override is invalid; ``key`` is the dotted key at fault, when known."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    """Raise for an invalid field value; the loader prefixes the section, e.g. ``train.steps``."""
+    if not ok:
+        raise ConfigError(f"{field}: {message}", key=field)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. A string literal after a field documents it (Levanter's convention).
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    base: str = ""
+    """Base checkpoint: a diffusers transformer dir, a BFL/ComfyUI single file (bf16 or fp8)."""
+    preset: str | None = None
+    """Architecture preset (``flux_jax.model.PRESETS``); with ``base: ""`` a random base of this shape
+    is built, which is how tests and the tiny smoke run train without a checkpoint."""
+    base_dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
+    """Storage dtype of the frozen base weights."""
+    compute_dtype: Literal["fp32", "bf16"] = "bf16"
+    attention: Literal["xla", "cudnn", "splash"] = "xla"
+    remat: Literal["none", "full", "save_matmuls"] = "full"
+    """Per-block rematerialisation policy."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    """Scale is alpha / rank (kohya/PEFT semantics)."""
+    targets: str | tuple[str, ...] = "all_blocks"
+    """A target preset name, or regexes over parameter paths."""
+    blocks: tuple[int, ...] | None = None
+    """Restrict adapters to these block indices; None = every block."""
+    dropout: float = 0.0
+    init_from: str | None = None
+    """An existing LoRA file to start from (any supported layout)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the trainable adapter weights (fp32 keeps small updates from rounding away)."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.blocks is not None:
+            _require(all(b >= 0 for b in self.blocks), "blocks", f"indices must be >= 0, got {self.blocks}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""
+    """Dataset location; required at train time unless the trainer synthesises data."""
+    cache_dir: str | None = None
+    """Where latent / text-embedding caches live; None = next to the data."""
+    resolution: int = 512
+    shuffle_seed: int = 0
+    caption_dropout: float = 0.0
+    """Probability of training a sample with the empty caption."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.resolution >= 16 and self.resolution % 16 == 0,
+            "resolution",
+            f"must be a positive multiple of 16 (VAE /8 then 2x2 packing), got {self.resolution}",
+        )
+        _require(
+            0.0 <= self.caption_dropout <= 1.0,
+            "caption_dropout",
+            f"must be in [0, 1], got {self.caption_dropout}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer updates (not micro-batches)."""
+    seed: int = 0
+    batch_size: int = 1
+    """Global batch per optimizer update, over all devices and accumulation micro-batches."""
+    grad_accum: int = 1
+    """Micro-batches per update; batch_size must divide evenly."""
+    guidance: float = 1.0
+    """Guidance value fed to guidance_in; 1.0 is the Dev2Pro recipe."""
+    guidance_range: tuple[float, float] | None = None
+    """If set, sample guidance uniformly in [low, high] per sample instead."""
+    timestep_sampling: Literal["uniform", "logit_normal", "shift", "flux_shift", "mode"] = "flux_shift"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0
+    """Static shift S for ``timestep_sampling: shift`` (kohya recommends 3.1582)."""
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            "batch_size",
+            f"{self.batch_size} is not divisible by grad_accum {self.grad_accum}",
+        )
+        _require(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
+        _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
+        if self.guidance_range is not None:
+            low, high = self.guidance_range
+            _require(low <= high, "guidance_range", f"low must be <= high, got {self.guidance_range}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    lr: float = 1e-4
+    """Peak learning rate, reached after warmup."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (scaled by the learning rate, as in AdamW)."""
+    b1: float = 0.9
+    b2: float = 0.999
+    """Lion's paper default is 0.99; set it explicitly for lion."""
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.0
+    """For cosine/linear: the learning rate at the last step, as a fraction of lr."""
+    clip_norm: float | None = 1.0
+    """Global-norm gradient clipping; None disables it."""
+    ema_decay: float | None = None
+    """EMA of the trainable weights, kept by the trainer; None disables it."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0.0 <= self.b1 < 1.0, "b1", f"must be in [0, 1), got {self.b1}")
+        _require(0.0 <= self.b2 < 1.0, "b2", f"must be in [0, 1), got {self.b2}")
+        _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            0.0 <= self.final_lr_ratio <= 1.0,
+            "final_lr_ratio",
+            f"must be in [0, 1], got {self.final_lr_ratio}",
+        )
+        if self.clip_norm is not None:
+            _require(self.clip_norm > 0, "clip_norm", f"must be > 0 or null, got {self.clip_norm}")
+        if self.ema_decay is not None:
+            _require(0.0 < self.ema_decay < 1.0, "ema_decay", f"must be in (0, 1) or null, got {self.ema_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    """Pure data-parallel replicas; -1 = fill with the remaining devices (at most one axis may be -1)."""
+    fsdp: int = 1
+    """Devices the base weights are sharded over (and the batch too)."""
+    tensor: int = 1
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
+    """Logical axis -> mesh axis table; replaces the default table as a whole when set."""
+
+    def __post_init__(self) -> None:
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            _require(size == -1 or size >= 1, name, f"must be a positive int or -1, got {size}")
+        auto = [name for name in MESH_AXES if getattr(self, name) == -1]
+        _require(len(auto) <= 1, auto[-1] if auto else "data", f"at most one mesh axis may be -1, got {auto}")
+        try:
+            validate_rules(self.rules)
+        except ShardingError as e:
+            raise ConfigError(f"rules: {e}", key="rules") from None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) as written, -1 included; ``sharding.make_mesh`` resolves it."""
+        return self.data, self.fsdp, self.tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    """Save every N optimizer steps (and at the last step)."""
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        _require(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 1
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts and lists: safe to ``yaml.safe_dump`` and to load back unchanged."""
+        return _plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate_for_training(self, *, require_data: bool = True) -> None:
+        """Checks that parsing leaves to train time because partial config files may omit them."""
+        problems = []
+        if not self.model.base and self.model.preset is None:
+            problems.append('model.base is empty; set a checkpoint path (or model.preset with base: "")')
+        if self.model.preset is not None:
+            from flux_jax.model.config import PRESETS  # lazy: config parsing must not build models
+
+            if self.model.preset not in PRESETS:
+                problems.append(f"model.preset {self.model.preset!r} is not one of {sorted(PRESETS)}")
+        if require_data and not self.data.path:
+            problems.append("data.path is empty")
+        if not self.output_dir:
+            problems.append("output_dir is empty")
+        if problems:
+            raise ConfigError("config is not ready for training:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load ``path`` (YAML), apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+
+    origins: dict[str, str] = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+        origins[key] = item
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        where = str(path)
+        if e.key is not None:
+            for key, item in origins.items():
+                if e.key == key or e.key.startswith((key + ".", key + "[")):
+                    where = f"override {item!r}"
+        raise ConfigError(f"{where}: {e}", key=e.key) from None
+
+
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build a RunConfig from plain nested mappings (the inverse of ``RunConfig.to_dict``)."""
+    return _build(RunConfig, data, "")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.steps=10"`` -> ``("train.steps", 10)``; checks the key against the schema.
+
+    An empty value (``model.base=``) is the empty string, since YAML would read it as null; write
+    ``null`` for None.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = _field_types(cls)
+        if part not in fields:
+            message = _unknown_key_message(".".join(parts[: i + 1]), fields)
+            raise ConfigError(f"override {item!r}: {message}", key=key)
+        cls = fields[part]
+        if i < len(parts) - 1 and not _is_dataclass_type(cls):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section", key=key)
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    *sections, last = key.split(".")
+    for part in sections:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = _deep_merge(node[last], value)
+    else:
+        node[last] = value
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed conversion
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _unknown_key_message(key: str, fields: Mapping[str, Any]) -> str:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; allowed here: {', '.join(fields)}"
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:  # an empty section (`mesh:` with nothing under it) means all defaults
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}",
+            key=prefix or None,
+        )
+    fields = _field_types(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = _join(prefix, str(name))
+        if name not in fields:
+            raise ConfigError(_unknown_key_message(key, fields), key=key)
+        kwargs[name] = _coerce(value, fields[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ checks name only the field; add the section so the key is fully dotted.
+        key = _join(prefix, e.key) if e.key else prefix or None
+        message = _join(prefix, str(e)) if e.key else str(e)
+        raise ConfigError(message, key=key) from None
+
+
+# PyYAML implements YAML 1.1, which reads `1e-4` (no dot) as a string; accept such strings for float
+# fields rather than make every learning rate in a config be written as 1.0e-4.
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _mismatch(value: Any, tp: Any, key: str) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form (lists -> tuples)."""
+    if _is_dataclass_type(tp):
+        return _build(tp, value, key)
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin is Literal:
+        # Compare type too: YAML `1` must not match a Literal[True] and `true` must not match 1.
+        for choice in args:
+            if type(choice) is type(value) and choice == value:
+                return value
+        raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}; got {value!r}", key=key)
+    if origin is Union or origin is types.UnionType:
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _mismatch(value, tp, key)
+        arms = [arm for arm in args if arm is not type(None)]
+        errors = []
+        for arm in arms:
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(e)
+        # Surface the inner error (e.g. the bad item of a list) when only one arm could have meant
+        # this value: the only non-null arm, or the only sequence arm for a list.
+        sequence_arms = [i for i, arm in enumerate(arms) if get_origin(arm) is tuple]
+        if len(arms) == 1:
+            raise errors[0]
+        if isinstance(value, list | tuple) and len(sequence_arms) == 1:
+            raise errors[sequence_arms[0]]
+        raise _mismatch(value, tp, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _mismatch(value, tp, key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}", key=key)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _mismatch(value, tp, key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _mismatch(value, tp, key)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        raise _mismatch(value, tp, key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _mismatch(value, tp, key)
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not input
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LogConfig",
+    "LoraConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_config",
+    "parse_override",
+]

@@ -1,0 +1,130 @@
+"""`load_flux`: any supported checkpoint -> a Flux NNX model whose parameters are born sharded.
+
+The model is first built abstractly (`nnx.eval_shape`: shapes only, no memory), each parameter's target sharding
+is derived from its logical axes, and then every device shard is read straight from the memory-mapped file with
+`jax.make_array_from_callback`. No host ever holds more than one shard of a tensor, and on a pod each host reads
+only the slices its own devices hold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flux_jax.errors import CheckpointError
+from flux_jax.model.config import FluxConfig
+from flux_jax.model.flux import Flux
+from flux_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from flux_jax.weights import flux_keys
+from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
+from flux_jax.weights.sources import Source, Stacked, Transposed, normalize_index
+
+FP8 = jnp.float8_e4m3fn
+
+
+def abstract_model(cfg: FluxConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, **kw) -> Flux:
+    """The model with ShapeDtypeStructs instead of arrays: free to build even at 12B parameters."""
+    return nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, **kw))
+
+
+def flax_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, Source]:
+    """One lazy source per Flax leaf, in the Flax layout (kernels transposed, blocks stacked)."""
+    out: dict[tuple, Source] = {}
+    for path, entry, suffix in flux_keys.flax_leaves(cfg):
+        per_layer = []
+        for i in flux_keys.layer_indices(cfg, entry):
+            src = bfl[f"{flux_keys.fill(entry.bfl, i)}.{suffix}"]
+            per_layer.append(Transposed(src) if suffix == "weight" else src)
+        out[path] = Stacked(per_layer) if entry.stack else per_layer[0]
+    return out
+
+
+def storage_dtype(leaf_path: tuple, base_dtype) -> np.dtype:
+    """fp8 storage applies to matmul kernels only; biases and norm scales stay in bf16 (they are tiny)."""
+    if np.dtype(base_dtype) == np.dtype(FP8) and leaf_path[-1] != "kernel":
+        return np.dtype(jnp.bfloat16)
+    return np.dtype(base_dtype)
+
+
+def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A fresh C-contiguous copy in `dtype`.
+
+    Always a copy: on CPU, JAX may alias a suitably aligned NumPy buffer, and the block may be a view of a
+    memory map that is closed once loading finishes.
+    """
+    if block.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)) and dtype != block.dtype:
+        block = block.astype(np.float32)  # exact; then one rounding step to the target
+    return np.array(block, dtype=dtype, order="C", copy=True)
+
+
+def load_state_into(
+    model_abstract: Flux, sources: dict[tuple, Source], *, dtype, mesh: Mesh | None, rules: Rules, where: str
+) -> Flux:
+    """Fill an abstract model from per-leaf sources, each array created directly in its target sharding."""
+    graphdef, abstract_state = nnx.split(model_abstract)
+    if mesh is None:
+        mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    shardings = state_shardings(abstract_state, mesh, rules)
+    flat_abs = dict(abstract_state.flat_state())
+    flat_sh = dict(shardings.flat_state())
+    leaves = {}
+    for path, var in flat_abs.items():
+        src = sources.get(path)
+        if src is None:
+            raise CheckpointError(f"{where}: no tensor for model parameter {'/'.join(map(str, path))}")
+        shape = tuple(var.get_value().shape)
+        if tuple(src.shape) != shape:
+            raise CheckpointError(
+                f"{where}: parameter {'/'.join(map(str, path))} has shape {src.shape}, model expects {shape}"
+            )
+        target = storage_dtype(path, dtype)
+        sharding = flat_sh[path].get_value() if isinstance(flat_sh[path], nnx.Variable) else flat_sh[path]
+        if not isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(mesh, PartitionSpec())
+
+        def read(index, src=src, shape=shape, target=target):
+            return _cast(src.read(normalize_index(index, shape)), target)
+
+        leaves[path] = var.replace(jax.make_array_from_callback(shape, sharding, read))
+    state = nnx.State.from_flat_path(leaves)
+    return nnx.merge(graphdef, state)
+
+
+def load_flux(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    config: FluxConfig | None = None,
+    mesh: Mesh | None = None,
+    rules: Rules = DEFAULT_RULES,
+    attention: str = "xla",
+    remat: str = "none",
+) -> Flux:
+    """Load a Flux transformer.
+
+    path: a diffusers transformer directory (config.json + sharded or single safetensors), a diffusers single
+      file, or a BFL single file (incl. ComfyUI's `model.diffusion_model.` prefix); the layout is detected.
+    dtype: parameter storage dtype (fp32, bf16, or float8_e4m3fn for a frozen base's kernels).
+    compute_dtype: activation dtype; defaults to dtype (bf16 when dtype is fp8).
+    mesh / rules: where parameters go; each device shard is read straight from the file. Default: one device.
+    """
+    if compute_dtype is None:
+        compute_dtype = jnp.bfloat16 if np.dtype(dtype) == np.dtype(FP8) else dtype
+    with open_checkpoint(path, config=config) as ckpt:
+        return load_from_checkpoint(
+            ckpt, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, attention=attention, remat=remat
+        )
+
+
+def load_from_checkpoint(ckpt: FluxCheckpoint, *, dtype, compute_dtype, mesh, rules, attention="xla", remat="none"):
+    abstract = abstract_model(ckpt.config, param_dtype=dtype, dtype=compute_dtype, attention=attention, remat=remat)
+    return load_state_into(
+        abstract, flax_sources(ckpt.config, ckpt.tensors), dtype=dtype, mesh=mesh, rules=rules, where=str(ckpt.path)
+    )

@@ -95,6 +95,15 @@ class CLIPTextConfig:
         return dataclasses.asdict(self)
 
 
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """Where transformers' CLIPTextModel pools, per sequence [B] (argmax returns the first maximum, as
+    torch's does)."""
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return jnp.argmax(input_ids, axis=-1)
+    # First occurrence of the configured id: the pad token may equal it, so "last" would be wrong.
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm over the last axis, statistics in float32."""
 
@@ -112,7 +121,9 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _dense(din: int, dout: int, axes: tuple[str, str], dtype, param_dtype, rngs) -> nnx.Linear:
+def _dense(
+    din: int, dout: int, axes: tuple[str, str], dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
     return nnx.Linear(
         din,
         dout,
@@ -197,14 +208,7 @@ class CLIPTextModel(nnx.Module):
         for layer in self.layers:
             x = layer(x, mask_bias)
         x = self.final_layer_norm(x)
-        return x, x[jnp.arange(x.shape[0]), self.eos_positions(input_ids)]
-
-    def eos_positions(self, input_ids: jax.Array) -> jax.Array:
-        """Where transformers pools, per sequence (argmax returns the first maximum, as torch does)."""
-        if self.config.eos_token_id == LEGACY_EOS_TOKEN_ID:
-            return jnp.argmax(input_ids, axis=-1)
-        # First occurrence of the configured id: the pad token may equal it, so "last" would be wrong.
-        return jnp.argmax((input_ids == self.config.eos_token_id).astype(jnp.int32), axis=-1)
+        return x, x[jnp.arange(x.shape[0]), eos_positions(input_ids, self.config.eos_token_id)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -428,56 +428,33 @@ _ATTN_CHILDREN = {
     "proj_out": {"diffusers": "to_out.0", "bfl": "proj_out"},
 }
 
-# Module table: (NNX module path, {layout: torch module path}, kind). `{l}` is an encoder level,
-# `{u}` a decoder level in execution order (BFL numbers those by resolution: mirrored), `{b}` a block.
-_VAE_MODULES: tuple[tuple[str, dict[str, str], str], ...] = tuple(
-    row
-    for part in ("encoder", "decoder")
-    for row in (
-        (f"{part}.conv_in", {"diffusers": f"{part}.conv_in", "bfl": f"{part}.conv_in"}, "conv"),
-        (
-            f"{part}.mid.block_1",
-            {"diffusers": f"{part}.mid_block.resnets.0", "bfl": f"{part}.mid.block_1"},
-            "resnet",
-        ),
-        (
-            f"{part}.mid.attn_1",
-            {"diffusers": f"{part}.mid_block.attentions.0", "bfl": f"{part}.mid.attn_1"},
-            "attn",
-        ),
-        (
-            f"{part}.mid.block_2",
-            {"diffusers": f"{part}.mid_block.resnets.1", "bfl": f"{part}.mid.block_2"},
-            "resnet",
-        ),
-        (f"{part}.norm_out", {"diffusers": f"{part}.conv_norm_out", "bfl": f"{part}.norm_out"}, "norm"),
-        (f"{part}.conv_out", {"diffusers": f"{part}.conv_out", "bfl": f"{part}.conv_out"}, "conv"),
-    )
-) + (
-    (
-        "encoder.down.{l}.block.{b}",
-        {"diffusers": "encoder.down_blocks.{l}.resnets.{b}", "bfl": "encoder.down.{l}.block.{b}"},
-        "resnet",
-    ),
+# Module table, written out as in flux_formats.md section 4: (NNX module, diffusers module, BFL module,
+# kind). `{l}` is an encoder level; `{u}` a decoder level in execution order, which BFL numbers by
+# resolution instead (mirrored in `vae_key_table`); `{b}` a resnet block within a level.
+_VAE_MODULES: tuple[tuple[str, str, str, str], ...] = (
+    ("encoder.conv_in", "encoder.conv_in", "encoder.conv_in", "conv"),
+    ("encoder.down.{l}.block.{b}", "encoder.down_blocks.{l}.resnets.{b}", "encoder.down.{l}.block.{b}", "resnet"),
     (
         "encoder.down.{l}.resample.conv",
-        {
-            "diffusers": "encoder.down_blocks.{l}.downsamplers.0.conv",
-            "bfl": "encoder.down.{l}.downsample.conv",
-        },
+        "encoder.down_blocks.{l}.downsamplers.0.conv",
+        "encoder.down.{l}.downsample.conv",
         "conv",
     ),
-    (
-        "decoder.up.{u}.block.{b}",
-        {"diffusers": "decoder.up_blocks.{u}.resnets.{b}", "bfl": "decoder.up.{u}.block.{b}"},
-        "resnet",
-    ),
-    (
-        "decoder.up.{u}.resample.conv",
-        {"diffusers": "decoder.up_blocks.{u}.upsamplers.0.conv", "bfl": "decoder.up.{u}.upsample.conv"},
-        "conv",
-    ),
+    ("encoder.mid.block_1", "encoder.mid_block.resnets.0", "encoder.mid.block_1", "resnet"),
+    ("encoder.mid.attn_1", "encoder.mid_block.attentions.0", "encoder.mid.attn_1", "attn"),
+    ("encoder.mid.block_2", "encoder.mid_block.resnets.1", "encoder.mid.block_2", "resnet"),
+    ("encoder.norm_out", "encoder.conv_norm_out", "encoder.norm_out", "norm"),
+    ("encoder.conv_out", "encoder.conv_out", "encoder.conv_out", "conv"),
+    ("decoder.conv_in", "decoder.conv_in", "decoder.conv_in", "conv"),
+    ("decoder.mid.block_1", "decoder.mid_block.resnets.0", "decoder.mid.block_1", "resnet"),
+    ("decoder.mid.attn_1", "decoder.mid_block.attentions.0", "decoder.mid.attn_1", "attn"),
+    ("decoder.mid.block_2", "decoder.mid_block.resnets.1", "decoder.mid.block_2", "resnet"),
+    ("decoder.up.{u}.block.{b}", "decoder.up_blocks.{u}.resnets.{b}", "decoder.up.{u}.block.{b}", "resnet"),
+    ("decoder.up.{u}.resample.conv", "decoder.up_blocks.{u}.upsamplers.0.conv", "decoder.up.{u}.upsample.conv", "conv"),
+    ("decoder.norm_out", "decoder.conv_norm_out", "decoder.norm_out", "norm"),
+    ("decoder.conv_out", "decoder.conv_out", "decoder.conv_out", "conv"),
 )
+_LAYOUT_COLUMN: dict[str, int] = {"diffusers": 1, "bfl": 2}
 
 
 def _module_rules(nnx_mod: str, torch_mod: str, kind: str, layout: Layout) -> list[KeyRule]:
@@ -509,9 +486,8 @@ def _module_rules(nnx_mod: str, torch_mod: str, kind: str, layout: Layout) -> li
 
 def vae_key_table(layout: Layout, num_levels: int) -> KeyTable:
     """The key table for a diffusers (`AutoencoderKL`) or BFL (`ae.safetensors`) VAE state dict."""
-    rules = tuple(
-        r for nnx_mod, torch, kind in _VAE_MODULES for r in _module_rules(nnx_mod, torch[layout], kind, layout)
-    )
+    col = _LAYOUT_COLUMN[layout]
+    rules = tuple(r for row in _VAE_MODULES for r in _module_rules(row[0], row[col], row[3], layout))
     mirrored = {"u": num_levels} if layout == "bfl" else {}
     return KeyTable(name=f"VAE ({layout})", rules=rules, mirrored=mirrored)
 

@@ -64,7 +64,7 @@ class Linear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
-        self.lora = None
+        self.lora = nnx.data(None)  # a `flux_jax.lora.LoRA` once attached
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)

@@ -1,0 +1,1 @@
+"""One module per `flux-jax` subcommand (discovered by `flux_jax.cli`)."""

@@ -130,7 +130,9 @@ class RMSNorm(nnx.Module):
         return w * y.astype(w.dtype) if w.dtype != jnp.float32 else w * y
 
 
-def _dense(din: int, dout: int, axes: tuple[str | None, str | None], dtype, param_dtype, rngs) -> nnx.Linear:
+def _dense(
+    din: int, dout: int, axes: tuple[str, str], dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+) -> nnx.Linear:
     return nnx.Linear(
         din,
         dout,

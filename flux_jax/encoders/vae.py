@@ -149,7 +149,7 @@ class GroupNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype, **kw: Any):
+def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype, **kw: Any) -> nnx.Conv:
     # torch's Conv2d(padding=k//2) pads symmetrically; downsampling passes its own (VALID) padding.
     kw.setdefault("padding", [(k // 2, k // 2)] * 2)
     return nnx.Conv(

@@ -1,0 +1,61 @@
+"""`flux-jax export`: a trained LoRA (run directory, checkpoint, or LoRA file) to a kohya / diffusers / ComfyUI file,
+or merged into a base checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+from flux_jax.errors import FluxJaxError
+
+HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a base checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="training run directory, checkpoint directory, or a LoRA .safetensors file")
+    parser.add_argument("out", help="output .safetensors file (with --merge-into --layout diffusers: a directory)")
+    parser.add_argument(
+        "--format",
+        choices=("kohya", "diffusers", "comfy"),
+        help="LoRA file format: kohya (ComfyUI, Forge, diffusers), diffusers (diffusers, ComfyUI, Forge), "
+        "comfy (ComfyUI, Forge)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="tensor dtype (default: bf16 for a run, else the source's)"
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    parser.add_argument("--ema", action="store_true", help="export the run's EMA weights (runs with optim.ema_decay)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--merge-into", metavar="BASE", help="write BASE + LoRA as a full transformer checkpoint")
+    parser.add_argument("--layout", choices=("bfl", "diffusers"), default="bfl", help="layout of a merged checkpoint")
+    parser.add_argument("--strength", type=float, default=1.0, help="LoRA strength for --merge-into (default 1.0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from flux_jax.lora_io.export import export_lora, read_run
+    from flux_jax.lora_io.import_ import read_lora_file
+    from flux_jax.lora_io.merge import merge_lora
+
+    src = pathlib.Path(args.src)
+    if args.merge_into is None:
+        if args.format is None:
+            raise FluxJaxError("--format is required (kohya, diffusers or comfy) unless --merge-into is given")
+        out = export_lora(src, args.out, args.format, dtype=args.dtype, step=args.step, ema=args.ema, force=args.force)
+        print(f"wrote {out}")
+        return 0
+    if args.format is not None:
+        raise FluxJaxError("--format does not apply to --merge-into (the output is a checkpoint; see --layout)")
+    if src.is_file():
+        from flux_jax.weights.checkpoint import open_checkpoint
+
+        with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes the LoRA's shapes
+            config = base.config
+        weights = read_lora_file(src, config).weights
+    else:
+        weights = read_run(src, args.step, args.ema)[0]
+    out = merge_lora(
+        args.merge_into, weights, args.out, layout=args.layout, dtype=args.dtype, strength=args.strength,
+        force=args.force,
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return 0

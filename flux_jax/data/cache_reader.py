@@ -1,0 +1,91 @@
+"""Reading a complete latent cache (written by `cache.build_cache`): the records and their index."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flux_jax.data.buckets import Bucket
+from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
+from flux_jax.data.images import DataError
+from flux_jax.weights.safetensors_file import SafetensorsFile
+
+
+class LatentCacheReader:
+    """A complete cache: random access to records plus the per-record index, without reading tensors.
+
+    Also satisfies the trainer's ``ExampleSource`` protocol (``__len__``, ``bucket(i)``, ``read(i)``,
+    ``describe()``) so `flux_jax.train.data.BatchIterator` can read it directly.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        import tensorflow_datasets as tfds
+
+        self.path = Path(cache_dir)
+        marker = self.path / CACHE_JSON
+        if not marker.is_file():
+            raise DataError(f"{self.path}: no complete cache here ({CACHE_JSON} missing); run `flux-jax cache` first")
+        try:
+            info = json.loads(marker.read_text())
+            if info.get("format") != CACHE_FORMAT or info.get("version") != CACHE_VERSION:
+                raise DataError(f"{marker}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache")
+            self.buckets = tuple(Bucket(int(w), int(h)) for w, h in info["buckets"])
+            records = info["records"]
+            self.record_bucket = np.asarray(records["bucket"], np.int64)
+            self.record_group = np.asarray(records["group"], np.int64)
+            self.record_repeats = np.asarray(records["repeats"], np.int64)
+            self.fingerprint = str(info["fingerprint"]) + "-" + str(info["items_digest"])
+            self.shapes = dict(info["shapes"])
+            dataset_dir = self.path / info["dataset"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{marker}: malformed ({e!r})") from None
+        n = int(info["num_records"])
+        if not (len(self.record_bucket) == len(self.record_group) == len(self.record_repeats) == n):
+            raise DataError(f"{marker}: the record index does not have {n} entries")
+        self.data = tfds.builder_from_directory(str(dataset_dir)).as_data_source("train")
+        if len(self.data) != n:
+            raise DataError(f"{dataset_dir}: {len(self.data)} records, {marker} says {n}")
+        with SafetensorsFile(self.path / EMPTY_CAPTION) as f:
+            self.empty_t5 = np.array(f.array("t5"))
+            self.empty_clip = np.array(f.array("clip"))
+
+    def __len__(self) -> int:
+        return len(self.record_bucket)
+
+    def read_many(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return list(self.data.__getitems__([int(i) for i in indices]))
+
+    def bucket(self, index: int) -> tuple[int, int, int]:
+        """(token height, token width, text length): the trainer's bucket key."""
+        gh, gw = self.buckets[self.record_bucket[index]].tokens
+        return gh, gw, int(self.shapes["t5_length"])
+
+    def read(self, index: int) -> CachedExample:
+        r = self.data[int(index)]
+        caption = r["caption"].decode("utf-8") if isinstance(r["caption"], bytes) else str(r["caption"])
+        return CachedExample(r["latents"], r["t5"], r["clip"], int(r["height"]), int(r["width"]), caption)
+
+    def describe(self) -> str:
+        return f"latent cache {self.path} ({len(self)} records, buckets {', '.join(map(str, self.buckets))})"
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedExample:
+    """Field-compatible with `flux_jax.train.data.Example`."""
+
+    latents: np.ndarray
+    t5: np.ndarray
+    clip: np.ndarray
+    height: int
+    width: int
+    caption: str = ""
+
+    @property
+    def bucket(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.t5.shape[0])

@@ -1,0 +1,262 @@
+"""The frozen encoders of `flux-jax cache`: located from the config, loaded sharded on the mesh, run jitted.
+
+`FluxEncoders.encode` takes this host's rows of a global batch (images already rendered into one bucket, and
+their captions) and returns this host's rows of the cached fields. The batch is split over the mesh's data and
+fsdp axes; weights follow the logical-axis rules (T5-XXL's ``embed`` dim is FSDP-sharded, the 84M-parameter VAE
+and the CLIP tower are replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from flux_jax.encoders import (
+    load_clip,
+    load_clip_tokenizer,
+    load_t5,
+    load_t5_tokenizer,
+    load_vae,
+    normalize_latents,
+    pack_latents,
+    tokenize_clip,
+    tokenize_t5,
+)
+from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel
+from flux_jax.encoders.t5 import T5Config, T5Encoder
+from flux_jax.encoders.vae import AutoEncoder, VAEConfig
+from flux_jax.errors import CheckpointError, FluxJaxError
+from flux_jax.sharding import DEFAULT_RULES, batch_sharding, state_shardings
+from flux_jax.weights.safetensors_file import SafetensorsFile
+
+log = logging.getLogger(__name__)
+
+# The encoders' logical axes beyond the transformer's vocabulary: VAE conv channels and embedding rows stay
+# replicated (the VAE is small; the 32k x 4096 T5 embedding is sharded along "embed" already).
+ENCODER_RULES: tuple[tuple[str, Any], ...] = (*DEFAULT_RULES, ("conv_in", None), ("conv_out", None), ("vocab", None))
+
+# FLUX.1 diffusers download: component -> sub-folder.
+ROOT_LAYOUT = {
+    "vae": "vae",
+    "clip": "text_encoder",
+    "t5": "text_encoder_2",
+    "clip_tokenizer": "tokenizer",
+    "t5_tokenizer": "tokenizer_2",
+}
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderPaths:
+    vae: Path
+    t5: Path
+    clip: Path
+    t5_tokenizer: Path
+    clip_tokenizer: Path
+
+    def identity(self) -> dict[str, Any]:
+        """What the cache fingerprint records: each weight/tokenizer file's path, size and mtime."""
+        out = {}
+        for name, path in dataclasses.asdict(self).items():
+            files = sorted(p for p in ([path] if path.is_file() else path.iterdir()) if p.is_file())
+            out[name] = [(str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+        return out
+
+
+def resolve_encoder_paths(cfg: Any, demo_dir: Path) -> tuple[EncoderPaths, str | None]:
+    """The paths an `EncodersConfig` names; (paths, demo stamp) where the demo encoders are generated into
+    ``demo_dir`` when nothing is configured. A partially configured set is an error, not a silent demo."""
+    from flux_jax.data.demo import build_demo_encoders
+
+    enc = cfg.encoders
+    given = {name: getattr(enc, name) for name in ROOT_LAYOUT}
+    if not enc.root and not any(given.values()):
+        dims = _demo_dims(cfg.model.preset)
+        root = build_demo_encoders(demo_dir, seed=enc.demo_seed, dims=dims)
+        stamp = f"demo-seed{enc.demo_seed}-{dims.t5_dim}x{dims.clip_dim}"
+    elif enc.root:
+        root, stamp = Path(enc.root), None
+    else:
+        missing = [f"encoders.{name}" for name, value in given.items() if not value]
+        if missing:
+            raise FluxJaxError(f"set encoders.root, or every one of {', '.join(missing)} too")
+        root, stamp = Path("."), None
+    paths = {name: Path(value) if value else root / ROOT_LAYOUT[name] for name, value in given.items()}
+    for name, path in paths.items():
+        if not path.exists():
+            raise CheckpointError(f"encoders.{name}: {path} does not exist")
+    return EncoderPaths(**paths), stamp
+
+
+def _demo_dims(preset: str | None) -> Any:
+    from flux_jax.data.demo import DemoDims
+    from flux_jax.model.config import PRESETS
+
+    model = PRESETS.get(preset or "tiny", PRESETS["tiny"])
+    return DemoDims(t5_dim=model.context_in_dim, clip_dim=model.vec_in_dim)
+
+
+def read_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """All tensors of a safetensors file, or of every ``*.safetensors`` in a directory, and its config.json
+    (empty when there is none). Never unpickles anything."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights (pickled .bin checkpoints are not read)")
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        reader = SafetensorsFile(file)
+        for name in reader.keys():
+            state[name] = reader.array(name)
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    config = json.loads(config_file.read_text()) if path.is_dir() and config_file.is_file() else {}
+    return state, config
+
+
+class FluxEncoders:
+    """VAE + T5 + CLIP and their tokenizers, placed on ``mesh``."""
+
+    def __init__(
+        self,
+        vae: AutoEncoder,
+        t5: T5Encoder,
+        clip: CLIPTextModel,
+        t5_tokenizer: Any,
+        clip_tokenizer: Any,
+        *,
+        mesh: Mesh,
+        t5_max_length: int = 512,
+        paths: EncoderPaths | None = None,
+    ):
+        """From built models (`load` reads them from checkpoints); their weights are resharded onto ``mesh``."""
+        self.paths = paths
+        self.mesh = mesh
+        self.t5_max_length = t5_max_length
+        dtype = jax.tree.leaves(nnx.state(vae))[0].dtype
+        self.dtype = next(name for name, d in _DTYPES.items() if d == dtype)
+        self.vae_config: VAEConfig = vae.config
+        self.t5_dim = t5.config.d_model
+        self.clip_dim = clip.config.hidden_size
+        self.t5_tokenizer = t5_tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        self._vae, self._t5, self._clip = (self._place(m) for m in (vae, t5, clip))
+        self._batch = batch_sharding(mesh)
+        # One compiled program per architecture, dtype and mesh, shared by every FluxEncoders in the process (a
+        # resumed cache, the next test) instead of compiling again; the graph is fixed by that key.
+        key = (self.vae_config, t5.config, clip.config, dtype, self._batch)
+        if key not in _COMPILED:
+            _COMPILED[key] = (
+                jax.jit(functools.partial(_images, self._vae[0], dtype, self._batch)),
+                jax.jit(functools.partial(_text, self._t5[0], self._clip[0], self._batch)),
+            )
+        self._images_fn, self._text_fn = _COMPILED[key]
+
+    @classmethod
+    def load(cls, paths: EncoderPaths, *, mesh: Mesh, dtype: str = "bf16", t5_max_length: int = 512) -> FluxEncoders:
+        """Read the three checkpoints and two tokenizers that ``paths`` names."""
+        jdtype = _DTYPES[dtype]
+        # Build on the host CPU first: a T5-XXL converted on accelerator 0 would not fit next to its copy.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            state, config = read_state(paths.vae)
+            vae = load_vae(state, VAEConfig.from_diffusers(config) if config else None, jdtype)
+            state, config = read_state(paths.t5)
+            t5 = load_t5(state, T5Config.from_hf(config) if config else None, jdtype)
+            state, config = read_state(paths.clip)
+            clip = load_clip(state, CLIPTextConfig.from_hf(config) if config else None, jdtype)
+        del state
+        tokenizers = load_t5_tokenizer(paths.t5_tokenizer), load_clip_tokenizer(paths.clip_tokenizer)
+        return cls(vae, t5, clip, *tokenizers, mesh=mesh, t5_max_length=t5_max_length, paths=paths)
+
+    def _place(self, model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+        graphdef, state = nnx.split(model)
+
+        def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
+            # From a host copy: on several hosts a single-device array cannot be resharded onto the global mesh,
+            # while every process holding the same host value can fill its own shards.
+            host = np.asarray(value)
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+        return graphdef, jax.tree.map(put, state, state_shardings(state, self.mesh, ENCODER_RULES))
+
+    @property
+    def latent_dim(self) -> int:
+        return 4 * self.vae_config.latent_channels
+
+    def batch_multiple(self) -> int:
+        """Global batches must be a multiple of this: the devices the batch is split over."""
+        return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+
+    def encode(self, images: np.ndarray, captions: Sequence[str], global_batch: int) -> dict[str, np.ndarray]:
+        """This host's rows: images [b, H, W, 3] float32 in [-1, 1] and b captions, where the global batch of
+        ``global_batch`` rows is split evenly over processes. Returns latents [b, L, 4C] bf16, t5 [b, Lt, D] bf16
+        and clip [b, D'] float32, for this host's rows in the same order."""
+        images = self._global(images, global_batch)
+        latents = _local_rows(self._images_fn(self._vae[1], images))
+        return {"latents": latents, **self.encode_text(captions, global_batch)}
+
+    def encode_text(self, captions: Sequence[str], global_batch: int) -> dict[str, np.ndarray]:
+        """T5 states and CLIP pooled vectors of this host's captions (see `encode`)."""
+        t5_ids = tokenize_t5(self.t5_tokenizer, captions, self.t5_max_length).input_ids
+        clip_ids = tokenize_clip(self.clip_tokenizer, captions).input_ids
+        t5, pooled = self._text_fn(
+            self._t5[1],
+            self._clip[1],
+            self._global(t5_ids, global_batch),
+            self._global(clip_ids, global_batch),
+        )
+        return {"t5": _local_rows(t5), "clip": _local_rows(pooled)}
+
+    def _global(self, local: np.ndarray, global_batch: int) -> jax.Array:
+        shape = (global_batch, *local.shape[1:])
+        return jax.make_array_from_process_local_data(self._batch, np.ascontiguousarray(local), shape)
+
+
+_COMPILED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _images(graphdef: nnx.GraphDef, dtype: Any, out: NamedSharding, state: nnx.State, images: jax.Array) -> jax.Array:
+    vae = nnx.merge(graphdef, state)
+    z = vae.encode(images.astype(dtype)).astype(jnp.float32)
+    latents = pack_latents(normalize_latents(z, vae.config)).astype(jnp.bfloat16)
+    return jax.lax.with_sharding_constraint(latents, out)
+
+
+def _text(
+    t5_def: nnx.GraphDef,
+    clip_def: nnx.GraphDef,
+    out: NamedSharding,
+    t5_state: nnx.State,
+    clip_state: nnx.State,
+    t5_ids: jax.Array,
+    clip_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    # Flux feeds both encoders without an attention mask: T5 attends to its padding, CLIP is causal anyway.
+    hidden = nnx.merge(t5_def, t5_state)(t5_ids).astype(jnp.bfloat16)
+    _, pooled = nnx.merge(clip_def, clip_state)(clip_ids)
+    pooled = pooled.astype(jnp.float32)
+    return jax.lax.with_sharding_constraint(hidden, out), jax.lax.with_sharding_constraint(pooled, out)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in global row order (replicas along other axes dropped)."""
+    shards: dict[int, np.ndarray] = {}
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        if start not in shards:
+            shards[start] = np.asarray(shard.data)
+    return np.concatenate([shards[s] for s in sorted(shards)], axis=0)
+
+
+def fingerprint_text(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]

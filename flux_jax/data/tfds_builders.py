@@ -1,0 +1,187 @@
+"""The project's two TFDS builders, both writing array_record (random access, what grain reads).
+
+- `FolderImages` packages an image folder (`sources.FolderSource`) as a TFDS dataset: the original file
+  bytes (nothing is re-encoded or validated here; `flux-jax cache` does that, with its report), the raw caption,
+  whether there was one, the file name and the kohya repeat count.
+- `LatentCache` is the output of `flux-jax cache`: one record per encoded example (see `cache.py`).
+
+Both keep records in generation order (``disable_shuffling``), so record ``i`` is the ``i``-th example given.
+TFDS prepares into an ``incomplete.*`` directory and renames it into place at the end, so a dataset directory
+either holds every record or does not exist. Read them back with ``tfds.builder_from_directory`` (no class or
+constructor argument needed) or `sources.TfdsSource`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from flux_jax.data.images import BadExample
+from flux_jax.data.sources import FolderSource
+
+FOLDER_BUILDER = "flux_jax_folder_images"
+CACHE_BUILDER = "flux_jax_latent_cache"
+SPLIT = "train"
+
+
+class FolderImages(tfds.core.GeneratorBasedBuilder):
+    """A folder of images and captions as a TFDS dataset (features: image, text, has_text, source, repeats)."""
+
+    name = FOLDER_BUILDER
+    # No download checksums to look up; TFDS's lookup of them for a class in an installed package imports
+    # `importlib_resources`, which tensorflow-datasets does not declare.
+    code_path = None
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Original file bytes, raw caption bytes, file name, kohya repeats."}
+
+    def __init__(self, *, folder: str | None = None, caption_ext: str = ".txt", caption_key: str = "text", **kwargs):
+        self._folder = folder
+        self._caption_ext = caption_ext
+        self._caption_key = caption_key
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Images with captions, packaged by flux_jax.data.tfds_builders.FolderImages.",
+            features=tfds.features.FeaturesDict(
+                {
+                    # Declared as 3-channel images for TFDS tools; the bytes are the original files, so read
+                    # them with SkipDecoding (sources.TfdsSource does) and decode with images.decode_image.
+                    "image": tfds.features.Image(shape=(None, None, 3)),
+                    "text": tfds.features.Text(),
+                    "has_text": np.bool_,
+                    "source": tfds.features.Text(),
+                    "repeats": np.int32,
+                }
+            ),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        if self._folder is None:
+            raise ValueError("FolderImages needs folder= to generate")
+        return {SPLIT: self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        source = FolderSource(self._folder, caption_ext=self._caption_ext, caption_key=self._caption_key)
+        for index in range(len(source)):
+            try:
+                raw = source[index]
+            except BadExample:
+                continue  # unreadable (permissions, vanished): `flux-jax cache` on the folder reports those
+            caption = raw.caption
+            text = caption if isinstance(caption, bytes) else (caption or "").encode("utf-8", "surrogateescape")
+            yield (
+                index,
+                {
+                    "image": raw.image,
+                    "text": text,
+                    "has_text": caption is not None,
+                    "source": raw.key,
+                    "repeats": raw.repeats,
+                },
+            )
+
+
+def build_folder_dataset(
+    folder: str | Path, data_dir: str | Path, *, caption_ext: str = ".txt", caption_key: str = "text"
+) -> Path:
+    """Package ``folder`` as an array_record TFDS dataset under ``data_dir``; returns the dataset directory
+    (give it to `sources.TfdsSource` or ``data.path`` with ``data.source: tfds``)."""
+    builder = FolderImages(
+        folder=str(folder),
+        caption_ext=caption_ext,
+        caption_key=caption_key,
+        data_dir=str(data_dir),
+        file_format="array_record",
+    )
+    with _quiet():
+        builder.download_and_prepare()
+    return Path(builder.data_path)
+
+
+class LatentCache(tfds.core.GeneratorBasedBuilder):
+    """Encoded examples: packed latents, T5 states, CLIP pooled vector, bucket and provenance per record."""
+
+    name = CACHE_BUILDER
+    code_path = None  # see FolderImages
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "latents/t5 bf16, clip fp32, token grid, bucket, group, repeats, caption, source."}
+
+    def __init__(
+        self,
+        *,
+        shapes: Mapping[str, int] | None = None,
+        examples: Callable[[], Iterable[dict[str, Any]]] | None = None,
+        **kwargs,
+    ):
+        self._shapes = dict(shapes or {})
+        self._examples = examples
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        s = self._shapes
+        bf16 = tfds.features.Encoding.BYTES  # raw little-endian bytes: TFDS has no bfloat16 proto type
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Flux training examples encoded by `flux-jax cache` (see flux_jax/data/cache.py).",
+            features=tfds.features.FeaturesDict(
+                {
+                    "latents": tfds.features.Tensor(shape=(None, s.get("latent_dim")), dtype=_bf16(), encoding=bf16),
+                    "t5": tfds.features.Tensor(
+                        shape=(s.get("t5_length"), s.get("t5_dim")), dtype=_bf16(), encoding=bf16
+                    ),
+                    "clip": tfds.features.Tensor(shape=(s.get("clip_dim"),), dtype=np.float32, encoding=bf16),
+                    "height": np.int32,
+                    "width": np.int32,
+                    "bucket": np.int32,
+                    "group": np.int32,
+                    "repeats": np.int32,
+                    "flipped": np.bool_,
+                    "caption": tfds.features.Text(),
+                    "source": tfds.features.Text(),
+                }
+            ),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        if self._examples is None:
+            raise ValueError("LatentCache needs examples= to generate")
+        return {SPLIT: self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(self._examples())
+
+
+def _bf16() -> Any:
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def write_latent_cache(data_dir: Path, shapes: Mapping[str, int], examples: Callable[[], Iterable[dict]]) -> Path:
+    """Write the cache dataset under ``data_dir`` (which must not hold one yet); returns its directory."""
+    builder = LatentCache(shapes=shapes, examples=examples, data_dir=str(data_dir), file_format="array_record")
+    with _quiet():
+        builder.download_and_prepare()
+    return Path(builder.data_path)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """TFDS's own per-split progress bars would interleave with ours; restore the caller's setting after."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    previous = tqdm_utils._active  # TFDS has a setter but no getter
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(previous)

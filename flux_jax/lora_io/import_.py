@@ -1,0 +1,107 @@
+"""Read a LoRA file of any supported format into `LoraWeights`, and apply it to a model.
+
+Formats (detected per key, see `formats.py`): kohya `lora_unet_*` (also with ComfyUI's `diffusion_model.` prefix),
+including kohya split_qkv files (qkv / linear1 down [3r or 4r, in] with a block-diagonal up: kept as one LoRA of
+that rank with the stored alpha, which is what ComfyUI, Forge and diffusers all apply); diffusers / PEFT
+`transformer.*.lora_A/B` (alpha from `lora_adapter_metadata`, from `.alpha` tensors, else alpha = rank); ComfyUI
+BFL-named `diffusion_model.*.lora_A/B`; XLabs `processor.*`. A key that matches no Flux layer is an error listing
+every such key: nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from flux_jax.errors import CheckpointError
+from flux_jax.lora_io.adapters import apply_lora_weights
+from flux_jax.lora_io.formats import from_tensors, infer_config
+from flux_jax.lora_io.weights import LoraWeights, validate
+from flux_jax.model.config import FluxConfig
+from flux_jax.sharding import DEFAULT_RULES
+from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
+from flux_jax.weights.flax_checkpoint import config_from_json, config_to_json
+from flux_jax.weights.safetensors_file import SafetensorsFile
+
+# Our exports record the training run's summary here (JSON), so a converted file keeps it.
+META_METADATA_KEY = "flux_jax.meta"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    path: pathlib.Path
+    format: str  # e.g. "kohya", "diffusers", "comfy", "xlabs" (several joined by " + " for a mixed file)
+    weights: dict[str, LoraWeights]
+    config: FluxConfig | None  # from the caller, the file's metadata, or inferred when the format needed one
+    metadata: dict[str, str]
+    dtype: np.dtype  # storage dtype of the LoRA matrices (the most common one)
+
+    @property
+    def meta(self) -> dict:
+        """The training summary our exporter stored, or {}."""
+        try:
+            return json.loads(self.metadata.get(META_METADATA_KEY, "{}"))
+        except json.JSONDecodeError:
+            return {}
+
+
+def config_metadata(cfg: FluxConfig) -> str:
+    """The model config as stored under `CONFIG_METADATA_KEY` (the same JSON the checkpoint writers store)."""
+    return json.dumps(config_to_json(cfg))
+
+
+def config_from_metadata(metadata: Mapping[str, str], where: str) -> FluxConfig | None:
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        raw = json.loads(metadata[CONFIG_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: invalid {CONFIG_METADATA_KEY} metadata ({e})") from None
+    return config_from_json(raw, f"{where}: {CONFIG_METADATA_KEY} metadata")
+
+
+def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) -> LoraFile:
+    """Read and validate a LoRA safetensors file (torch-free; nothing beyond the LoRA tensors is loaded)."""
+    path = pathlib.Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such LoRA file")
+    with SafetensorsFile(path) as f:
+        metadata = dict(f.metadata)
+        config = config or config_from_metadata(metadata, where)
+        resolved: list[FluxConfig] = []
+
+        def need_config(in_dims, blocks) -> FluxConfig:
+            resolved.append(config or infer_config(in_dims, blocks, where))
+            return resolved[-1]
+
+        weights, fmt = from_tensors(f.keys(), f.array, metadata, need_config, where)
+        dtypes = [f.info(k).dtype for k in f.keys() if not k.endswith(".alpha")]
+    if not weights:
+        raise CheckpointError(f"{where}: no LoRA tensors in the file")
+    config = config or (resolved[0] if resolved else None)
+    if config is not None:
+        validate(weights, config, where)
+    dtype = max(set(dtypes), key=dtypes.count) if dtypes else np.dtype(np.float32)
+    return LoraFile(path, fmt, weights, config, metadata, np.dtype(dtype))
+
+
+def load_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) -> dict[str, LoraWeights]:
+    """The LoRA in `path` as {BFL module path with block index: LoraWeights}, whatever its format."""
+    return read_lora_file(path, config).weights
+
+
+def apply_lora_file(
+    model: nnx.Module, path: str | os.PathLike, scale: float = 1.0, *, mesh: Mesh | None = None, rules=DEFAULT_RULES
+) -> list[str]:
+    """Attach the LoRA in `path` to `model` at strength `scale` (placed on `mesh` when given); returns the adapted
+    Linear paths."""
+    lora = read_lora_file(path, model.config)
+    return apply_lora_weights(model, lora.weights, scale, mesh=mesh, rules=rules, where=str(path))

@@ -1,0 +1,78 @@
+"""`flux-jax export --merge-into`: base + LoRA written as a full checkpoint that PyTorch loads and that computes what
+the JAX model with the LoRA computes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from flux_jax import cli
+from flux_jax.errors import FluxJaxError
+from flux_jax.lora_io import merge_lora, write_lora_file
+from flux_jax.weights.checkpoint import open_checkpoint
+from flux_jax.weights.sources import read_all
+from tests.test_lora_export_reference import bfl_state, load_bfl_into_diffusers, tiny_case
+from tests.torch_reference import diffusers_forward
+
+MODEL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    case = tiny_case()
+    case["base"] = tmp_path_factory.mktemp("base") / "transformer"
+    case["ref"].save_pretrained(case["base"])
+    return case
+
+
+def test_merge_to_bfl_file(setup, tmp_path):
+    out = merge_lora(setup["base"], setup["weights"], tmp_path / "merged.safetensors", layout="bfl")
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.layout == "bfl" and ckpt.config == setup["cfg"]
+        merged = {k: read_all(v) for k, v in ckpt.tensors.items()}
+    base = bfl_state(setup["cfg"], setup["ref"])
+    for key, value in merged.items():  # untouched tensors are copied bit for bit
+        if key.removesuffix(".weight") not in setup["weights"]:
+            np.testing.assert_array_equal(value, base[key])
+    torch_model = copy.deepcopy(setup["ref"])
+    load_bfl_into_diffusers(setup["cfg"], torch_model, merged)
+    np.testing.assert_allclose(diffusers_forward(torch_model, setup["inputs"]), setup["want"], atol=MODEL_TOL, rtol=0)
+
+
+def test_cli_merge_to_diffusers_directory(setup, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    lora = write_lora_file(tmp_path / "l.safetensors", setup["weights"], "kohya", config=setup["cfg"], dtype="fp32")
+    out = tmp_path / "merged"
+    argv = ["export", str(lora), str(out), "--merge-into", str(setup["base"]), "--layout", "diffusers"]
+    assert cli.main(argv) == 0
+    torch_model = FluxTransformer2DModel.from_pretrained(out).eval()
+    np.testing.assert_allclose(diffusers_forward(torch_model, setup["inputs"]), setup["want"], atol=MODEL_TOL, rtol=0)
+    assert cli.main(argv) == 2  # exists; kept without --force
+
+
+def test_merge_strength_and_dtype(setup, tmp_path):
+    half = merge_lora(
+        setup["base"], setup["weights"], tmp_path / "h.safetensors", strength=0.5, dtype="bf16", layout="bfl"
+    )
+    key = "double_blocks.0.img_attn.qkv.weight"
+    base = bfl_state(setup["cfg"], setup["ref"])[key]
+    with open_checkpoint(half) as ckpt:
+        got = read_all(ckpt.tensors[key])
+    assert got.dtype.name == "bfloat16"
+    want = base + 0.5 * setup["weights"]["double_blocks.0.img_attn.qkv"].delta()
+    np.testing.assert_array_equal(got, want.astype(got.dtype))
+
+
+def test_merge_rejects_bad_requests(setup, tmp_path):
+    with pytest.raises(FluxJaxError, match="one file"):
+        merge_lora(setup["base"], setup["weights"], tmp_path / "dir", layout="bfl")
+    with pytest.raises(FluxJaxError, match="directory"):
+        merge_lora(setup["base"], setup["weights"], tmp_path / "x.safetensors", layout="diffusers")
+    bigger = dict(setup["weights"])
+    bigger["double_blocks.5.img_attn.proj"] = bigger["double_blocks.0.img_attn.proj"]
+    with pytest.raises(FluxJaxError, match="double_blocks.5.img_attn.proj"):
+        merge_lora(setup["base"], bigger, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())

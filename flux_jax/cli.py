@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:
+        # orbax and TFDS log every file operation through absl at INFO; keep the console to our own progress.
+        for name in ("absl", "orbax", "jax._src", "tensorflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)
     except FluxJaxError as e:

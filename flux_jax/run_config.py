@@ -91,6 +91,43 @@ class DataConfig:
     shuffle_seed: int = 0
     caption_dropout: float = 0.0
     """Probability of training a sample with the empty caption."""
+    synthetic: bool = False
+    """Train on a small built-in synthetic dataset shaped for the model (smoke runs; needs ``path: ""``)."""
+    # ---- Sources, bucketing, augmentation and bad-data policy (flux_jax.data; `flux-jax cache`).
+    source: Literal["folder", "tfds"] = "folder"
+    """``folder``: images with same-named caption files (kohya ``N_name/`` subfolders repeat N times) or a
+    ``metadata.jsonl``/``.csv``; ``tfds``: ``path`` is a TFDS dataset name or a prepared dataset directory."""
+    split: str = "train"
+    """TFDS split to read."""
+    tfds_data_dir: str | None = None
+    """TFDS data_dir for a dataset given by name; None = TFDS's default."""
+    image_key: str = "image"
+    """TFDS feature holding the image (encoded bytes or a uint8 array)."""
+    caption_key: str = "text"
+    """TFDS feature, or metadata.jsonl/csv column, holding the caption."""
+    caption_ext: str = ".txt"
+    resolutions: tuple[int, ...] = ()
+    """Several target sides (bucket area = side^2), each image cached at every one it reaches without
+    upscaling past ``max_upscale``; empty = just ``resolution``."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this many pixels."""
+    max_aspect: float = 4.0
+    """Widest bucket aspect ratio (long side / short side)."""
+    max_upscale: float = 1.0
+    """Largest resize factor allowed to fill a bucket; 1.0 never upscales."""
+    crop: Literal["center", "random"] = "center"
+    crop_variants: int = 1
+    """Random crops cached per image and resolution (crop: random); each appearance picks one."""
+    flip: bool = False
+    """Also cache the mirrored image; each appearance picks one of the two."""
+    missing_caption: Literal["skip", "empty"] = "skip"
+    """Images whose caption is missing or empty: skipped, or trained with the empty caption (reported either way)."""
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels are refused as decompression bombs before any pixel is decoded."""
+    strict: bool = False
+    """Any bad or converted input is an error instead of a skip or conversion (``flux-jax cache --strict``)."""
+    read_threads: int = 4
+    """Threads reading and collating cached batches (grain)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -98,11 +135,57 @@ class DataConfig:
             "resolution",
             f"must be a positive multiple of 16 (VAE /8 then 2x2 packing), got {self.resolution}",
         )
+        _require(not (self.synthetic and self.path), "synthetic", f"set either path ({self.path!r}) or synthetic")
         _require(
             0.0 <= self.caption_dropout <= 1.0,
             "caption_dropout",
             f"must be in [0, 1], got {self.caption_dropout}",
         )
+        _require(
+            self.bucket_step >= 16 and self.bucket_step % 16 == 0,
+            "bucket_step",
+            f"must be a positive multiple of 16, got {self.bucket_step}",
+        )
+        for side in self.resolutions:
+            _require(side >= self.bucket_step, "resolutions", f"every side must be >= bucket_step, got {side}")
+        _require(self.max_aspect >= 1.0, "max_aspect", f"must be >= 1, got {self.max_aspect}")
+        _require(self.max_upscale >= 1.0, "max_upscale", f"must be >= 1, got {self.max_upscale}")
+        _require(self.crop_variants >= 1, "crop_variants", f"must be >= 1, got {self.crop_variants}")
+        _require(
+            self.crop == "random" or self.crop_variants == 1,
+            "crop_variants",
+            "more than one crop variant needs crop: random",
+        )
+        _require(self.max_image_pixels >= 1, "max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _require(self.read_threads >= 1, "read_threads", f"must be >= 1, got {self.read_threads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodersConfig:
+    """The frozen VAE / T5 / CLIP used by ``flux-jax cache``. Empty paths are filled from ``root`` (a FLUX.1
+    diffusers download: vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/); with everything
+    empty, tiny random-weight demo encoders are generated (deterministically, from ``demo_seed``)."""
+
+    root: str = ""
+    vae: str = ""
+    """A diffusers ``vae/`` directory or a BFL ``ae.safetensors`` file."""
+    t5: str = ""
+    """A transformers ``T5EncoderModel`` directory (config.json + safetensors)."""
+    clip: str = ""
+    """A transformers ``CLIPTextModel`` directory (config.json + safetensors)."""
+    t5_tokenizer: str = ""
+    clip_tokenizer: str = ""
+    t5_max_length: int = 512
+    """T5 tokens per caption (FLUX.1-dev: 512); the cached ``t5`` states have this length."""
+    dtype: Literal["fp32", "bf16"] = "bf16"
+    """Encoder weights and activations; the cache stores bf16 either way."""
+    batch_size: int = 8
+    """Global encode batch; rounded up to a multiple of the mesh's batch devices."""
+    demo_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.t5_max_length >= 1, "t5_max_length", f"must be >= 1, got {self.t5_max_length}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +306,13 @@ class CheckpointConfig:
 class LogConfig:
     every: int = 1
     tensorboard: bool = True
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU metric; None = known accelerators' bf16 peak (no MFU on CPU)."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+        if self.peak_tflops is not None:
+            _require(self.peak_tflops > 0, "peak_tflops", f"must be > 0 or null, got {self.peak_tflops}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +325,7 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    encoders: EncodersConfig = dataclasses.field(default_factory=EncodersConfig)
     output_dir: str = "runs/default"
 
     def to_dict(self) -> dict[str, Any]:
@@ -491,6 +579,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "EncodersConfig",
     "LogConfig",
     "LoraConfig",
     "MeshConfig",

@@ -1,28 +1,42 @@
 """Open a Flux transformer checkpoint in any supported layout as BFL-keyed lazy tensors.
 
 Layouts: a diffusers transformer directory (`config.json` + one or several `diffusion_pytorch_model*.safetensors`,
-with the index when sharded), a diffusers single file, and a BFL single file (optionally with ComfyUI's
-`model.diffusion_model.` prefix). The layout is detected from the files; the config is read from `config.json`
-or inferred from tensor shapes. Everything is validated against the key table before a byte of data is read.
+with the index when sharded), a diffusers single file, a BFL single file (optionally with ComfyUI's
+`model.diffusion_model.` prefix) in fp32 / bf16 / fp16 / plain fp8 / scaled fp8 (see `flux_jax.weights.fp8`), and a
+Flax checkpoint directory written by `flux_jax.weights.flax_checkpoint`. The layout is detected from the files; the
+config is read from `config.json` / our metadata or inferred from tensor shapes (dev vs schnell from the presence of
+the guidance embedder). Everything is validated against the key table before a byte of data is read.
+
+Tensor data is read through `FileTensor`: a slice is copied out of a read-only memory map and the map's pages are
+handed back to the kernel right away (`madvise(MADV_DONTNEED)`), so reading a 24 GB checkpoint does not leave
+24 GB of file pages counted in the process's resident set; the page cache still serves repeated reads.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
+import math
+import mmap
 import os
 import pathlib
 import re
-from collections.abc import Mapping
-from typing import Literal
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Literal, Protocol
+
+import numpy as np
 
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
-from flux_jax.weights.safetensors_file import SafetensorsFile
-from flux_jax.weights.sources import ArraySource, RowConcat, Source, swap_halves
+from flux_jax.weights.fp8 import FLOAT_DTYPES, dequantize
+from flux_jax.weights.safetensors_file import SafetensorsFile, TensorInfo
+from flux_jax.weights.sources import Index, Mapped, RowConcat, Source, swap_halves
 
-Layout = Literal["bfl", "diffusers"]
+Layout = Literal["bfl", "diffusers", "flax"]
 
 BFL_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
 DIFFUSERS_MARKER = "transformer_blocks.0.attn.norm_added_k.weight"
@@ -33,15 +47,27 @@ DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 CONFIG_METADATA_KEY = "flux_jax.config"
 
 
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclasses.dataclass
 class FluxCheckpoint:
-    """A validated checkpoint: its config and one lazy source per BFL tensor key."""
+    """A validated checkpoint: its config and one lazy source per BFL tensor key (PyTorch layout, per layer).
+
+    stored_dtype: the dtype holding most of the bytes (what "keep the dtype" means for a conversion).
+    scaled_layers: layers whose scaled-fp8 weights are dequantised on read (empty for everything else).
+    """
 
     path: pathlib.Path
     layout: Layout
     config: FluxConfig
     tensors: dict[str, Source]
-    files: list[SafetensorsFile]
+    files: list[_Closeable]
+    stored_dtype: np.dtype | None = None
+    scaled_layers: tuple[str, ...] = ()
+    # Flax checkpoints only: one source per Flax leaf (already stacked / transposed), keyed by its state path.
+    flax_leaves: dict[tuple, Source] | None = None
 
     def close(self) -> None:
         for f in self.files:
@@ -52,6 +78,95 @@ class FluxCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+class _FileMap:
+    """One lazily created read-only memory map of a safetensors file, shared by all its `FileTensor`s."""
+
+    def __init__(self, file: SafetensorsFile):
+        self.path = file.path
+        self.min_size = max((t.end for t in file.tensors.values()), default=0)
+        self._mmap: mmap.mmap | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def map(self) -> mmap.mmap:
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.path}: checkpoint is closed")
+            if self._mmap is None:
+                try:
+                    with open(self.path, "rb") as f:
+                        size = os.fstat(f.fileno()).st_size
+                        # Pages past EOF of a file shortened after its header was checked would SIGBUS on access.
+                        if size < self.min_size:
+                            raise CheckpointError(f"{self.path}: file shrank to {size} bytes after it was opened")
+                        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except OSError as e:
+                    raise CheckpointError(f"{self.path}: cannot memory-map: {e}") from e
+            return self._mmap
+
+    def release(self, start: int, end: int) -> None:
+        """Drop our mapping of the pages of [start, end): they leave the resident set, the page cache keeps them.
+
+        Safe at any time on a shared read-only file map: a later access just faults the page in again.
+        """
+        mm = self._mmap
+        if mm is None or end <= start or _DONTNEED is None:
+            return
+        lo = start - start % mmap.PAGESIZE
+        try:
+            mm.madvise(_DONTNEED, lo, end - lo)
+        except (OSError, ValueError):
+            pass  # an optimisation only
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._mmap is not None:
+                try:
+                    self._mmap.close()
+                except BufferError:
+                    pass  # a view still exists; unmapped once it is garbage collected
+                self._mmap = None
+
+
+class FileTensor:
+    """A tensor of a safetensors file whose reads are copies, with the touched pages released after each read."""
+
+    def __init__(self, fmap: _FileMap, info: TensorInfo):
+        self.fmap, self.info = fmap, info
+        self.shape = tuple(info.shape)
+        self.dtype = info.dtype
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[np.ndarray]:
+        """Zero-copy read-only view of the whole tensor, valid inside the block; its pages are released after.
+
+        For converters that cast straight out of the map (one copy fewer than `read`); the view must not escape.
+        """
+        info = self.info
+        view = np.frombuffer(self.fmap.map(), dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
+        try:
+            yield view.reshape(info.shape)
+        finally:
+            del view
+            self.fmap.release(info.start, info.end)
+
+    def read(self, index: Index) -> np.ndarray:
+        info = self.info
+        flat = np.frombuffer(self.fmap.map(), dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
+        out = np.array(flat.reshape(info.shape)[index], copy=True)
+        del flat
+        if self.shape and self.shape[0]:
+            row = info.nbytes // self.shape[0]
+            self.fmap.release(info.start + index[0].start * row, info.start + index[0].stop * row)
+        else:
+            self.fmap.release(info.start, info.end)
+        return out
 
 
 def _open_file(path: pathlib.Path) -> SafetensorsFile:
@@ -198,23 +313,26 @@ def infer_config(
     return FluxConfig(**config)
 
 
-def _source(entry: tuple[SafetensorsFile, str]) -> Source:
-    f, key = entry
-    return ArraySource(f.array(key))
-
-
 def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None) -> FluxCheckpoint:
-    """Open `path` (diffusers directory, diffusers single file, or BFL single file) and validate it."""
+    """Open `path` (any layout in the module docstring), validate it, and return BFL-keyed lazy tensors."""
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    from flux_jax.weights import flax_checkpoint  # imports this module
+
+    if flax_checkpoint.is_flax_checkpoint(path):
+        return flax_checkpoint.open_flax_checkpoint(path, config=config)
     files: list[SafetensorsFile] = []
+    maps: list[_FileMap] = []
     try:
         metadata: dict[str, str] = {}
         if path.is_dir():
             cfg_path = path / "config.json"
             if not cfg_path.exists():
-                raise CheckpointError(f"{path}: a diffusers transformer directory needs config.json")
+                raise CheckpointError(
+                    f"{path}: not a checkpoint directory (a diffusers transformer directory needs config.json, "
+                    f"a Flax checkpoint needs {flax_checkpoint.META_FILE})"
+                )
             try:
                 raw_cfg = json.loads(cfg_path.read_text())
             except json.JSONDecodeError as e:
@@ -222,32 +340,45 @@ def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None
             if config is None:
                 try:
                     config = FluxConfig.from_diffusers(raw_cfg)
-                except ValueError as e:
+                except (ValueError, TypeError) as e:
                     raise CheckpointError(f"{cfg_path}: {e}") from None
             files, weight_map = _diffusers_files(path)
-            found = _collect(files, weight_map)
-            layout, prefix = detect_layout(list(found), str(path))
         else:
-            files = [_open_file(path)]
-            found = _collect(files, None)
+            files, weight_map = [_open_file(path)], None
             metadata = files[0].metadata
-            layout, prefix = detect_layout(list(found), str(path))
+        found = _collect(files, weight_map)
+        layout, prefix = detect_layout(list(found), str(path))
+        maps = [_FileMap(f) for f in files]
+        map_of = {id(f): m for f, m in zip(files, maps, strict=True)}
         found = {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
-        shapes = {k: f.info(name).shape for k, (f, name) in found.items()}
+        raw = {k: FileTensor(map_of[id(f)], f.info(name)) for k, (f, name) in found.items()}
+        stored = _dominant_dtype(raw.values())
+        deq = dequantize(raw, metadata, str(path), prefix)
+        shapes = {k: tuple(src.shape) for k, src in deq.tensors.items()}
         if layout == "bfl":
             config = config or infer_config(shapes, str(path), metadata)
             validate_keys(str(path), shapes, flux_keys.bfl_shapes(config))
-            tensors = {k: _source(v) for k, v in found.items()}
+            tensors = deq.tensors
         else:
             if config is None:  # a diffusers-keyed single file: no config.json beside it
                 config = _infer_from_diffusers(shapes, str(path), metadata)
             validate_keys(str(path), shapes, flux_keys.diffusers_shapes(config))
-            tensors = bfl_from_diffusers(config, {k: _source(v) for k, v in found.items()})
-        return FluxCheckpoint(path, layout, config, tensors, files)
+            tensors = bfl_from_diffusers(config, deq.tensors)
+        return FluxCheckpoint(path, layout, config, tensors, [*maps, *files], stored, deq.scaled_layers)
     except BaseException:
-        for f in files:
+        for f in [*maps, *files]:
             f.close()
         raise
+
+
+def _dominant_dtype(sources) -> np.dtype | None:
+    """The dtype holding the most bytes (fp8 for an fp8 file even when a few biases are bf16)."""
+    nbytes: collections.Counter = collections.Counter()
+    for src in sources:
+        dtype = np.dtype(src.dtype)
+        if dtype in FLOAT_DTYPES:
+            nbytes[dtype] += math.prod(src.shape) * dtype.itemsize
+    return nbytes.most_common(1)[0][0] if nbytes else None
 
 
 def _infer_from_diffusers(shapes: Mapping[str, tuple[int, ...]], where: str, metadata) -> FluxConfig:
@@ -280,6 +411,8 @@ def bfl_from_diffusers(cfg: FluxConfig, diffusers: Mapping[str, Source]) -> dict
         swap[piece.bfl_key] = piece.swap_halves
     out: dict[str, Source] = {}
     for key, srcs in parts.items():
+        if len({np.dtype(s.dtype) for s in srcs}) > 1:  # e.g. only some pieces scaled fp8: fuse in float32
+            srcs = [Mapped(s, lambda x: x.astype(np.float32), np.float32) for s in srcs]
         src = srcs[0] if len(srcs) == 1 else RowConcat(srcs)
         out[key] = swap_halves(src) if swap[key] else src
     return out

@@ -1,9 +1,13 @@
 """`load_flux`: any supported checkpoint -> a Flux NNX model whose parameters are born sharded.
 
 The model is first built abstractly (`nnx.eval_shape`: shapes only, no memory), each parameter's target sharding
-is derived from its logical axes, and then every device shard is read straight from the memory-mapped file with
-`jax.make_array_from_callback`. No host ever holds more than one shard of a tensor, and on a pod each host reads
-only the slices its own devices hold.
+is derived from its logical axes, and then every device shard is read straight from the checkpoint with
+`jax.make_array_from_callback`: from the memory-mapped safetensors file(s) for PyTorch layouts, from the zarr
+arrays (tensorstore) for a Flax checkpoint. No host ever holds more than one shard of a tensor at a time, and on a
+pod each host reads only the slices its own devices hold (the callback runs for addressable devices only).
+
+Storage dtype (`dtype=`): fp32, bf16, fp16, or float8_e4m3fn. fp8 keeps only the matmul kernels in fp8 (an fp8
+source's bits unchanged; wider sources are rounded with saturation at +-448); biases and norm scales are bf16.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -23,6 +26,7 @@ from flux_jax.model.flux import Flux
 from flux_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
+from flux_jax.weights.fp8 import cast
 from flux_jax.weights.sources import Source, Stacked, Transposed, normalize_index
 
 FP8 = jnp.float8_e4m3fn
@@ -33,16 +37,24 @@ def abstract_model(cfg: FluxConfig, *, param_dtype=jnp.float32, dtype=jnp.float3
     return nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, **kw))
 
 
-def flax_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, Source]:
-    """One lazy source per Flax leaf, in the Flax layout (kernels transposed, blocks stacked)."""
-    out: dict[tuple, Source] = {}
+def flax_layer_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, tuple[bool, list[Source]]]:
+    """Per Flax leaf: (stacked?, its per-layer sources in the Flax layout: kernels transposed to [in, out])."""
+    out: dict[tuple, tuple[bool, list[Source]]] = {}
     for path, entry, suffix in flux_keys.flax_leaves(cfg):
         per_layer = []
         for i in flux_keys.layer_indices(cfg, entry):
             src = bfl[f"{flux_keys.fill(entry.bfl, i)}.{suffix}"]
             per_layer.append(Transposed(src) if suffix == "weight" else src)
-        out[path] = Stacked(per_layer) if entry.stack else per_layer[0]
+        out[path] = (entry.stack is not None, per_layer)
     return out
+
+
+def flax_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, Source]:
+    """One lazy source per Flax leaf, in the Flax layout (kernels transposed, blocks stacked)."""
+    return {
+        path: Stacked(layers) if stacked else layers[0]
+        for path, (stacked, layers) in flax_layer_sources(cfg, bfl).items()
+    }
 
 
 def storage_dtype(leaf_path: tuple, base_dtype) -> np.dtype:
@@ -53,14 +65,12 @@ def storage_dtype(leaf_path: tuple, base_dtype) -> np.dtype:
 
 
 def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """A fresh C-contiguous copy in `dtype`.
+    """A fresh C-contiguous copy in `dtype` (see `flux_jax.weights.fp8.cast`: exact from fp8, saturating to fp8).
 
     Always a copy: on CPU, JAX may alias a suitably aligned NumPy buffer, and the block may be a view of a
     memory map that is closed once loading finishes.
     """
-    if block.dtype in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2)) and dtype != block.dtype:
-        block = block.astype(np.float32)  # exact; then one rounding step to the target
-    return np.array(block, dtype=dtype, order="C", copy=True)
+    return cast(block, dtype)
 
 
 def load_state_into(
@@ -110,8 +120,9 @@ def load_flux(
     """Load a Flux transformer.
 
     path: a diffusers transformer directory (config.json + sharded or single safetensors), a diffusers single
-      file, or a BFL single file (incl. ComfyUI's `model.diffusion_model.` prefix); the layout is detected.
-    dtype: parameter storage dtype (fp32, bf16, or float8_e4m3fn for a frozen base's kernels).
+      file, a BFL single file (incl. ComfyUI's `model.diffusion_model.` prefix; fp32 / bf16 / fp16 / fp8 /
+      scaled fp8), or a Flax checkpoint directory (`flux-jax convert`); the layout is detected.
+    dtype: parameter storage dtype (fp32, bf16, fp16, or float8_e4m3fn for a frozen base's kernels).
     compute_dtype: activation dtype; defaults to dtype (bf16 when dtype is fp8).
     mesh / rules: where parameters go; each device shard is read straight from the file. Default: one device.
     """
@@ -125,6 +136,5 @@ def load_flux(
 
 def load_from_checkpoint(ckpt: FluxCheckpoint, *, dtype, compute_dtype, mesh, rules, attention="xla", remat="none"):
     abstract = abstract_model(ckpt.config, param_dtype=dtype, dtype=compute_dtype, attention=attention, remat=remat)
-    return load_state_into(
-        abstract, flax_sources(ckpt.config, ckpt.tensors), dtype=dtype, mesh=mesh, rules=rules, where=str(ckpt.path)
-    )
+    sources = ckpt.flax_leaves if ckpt.flax_leaves is not None else flax_sources(ckpt.config, ckpt.tensors)
+    return load_state_into(abstract, sources, dtype=dtype, mesh=mesh, rules=rules, where=str(ckpt.path))

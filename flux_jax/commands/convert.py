@@ -1,0 +1,112 @@
+"""`flux-jax convert SRC DST`: Flux checkpoints between PyTorch layouts and Flax (orbax) checkpoint directories.
+
+    flux-jax convert flux1-dev-fp8.safetensors dev2pro-flax --dtype bf16        # PyTorch -> Flax checkpoint
+    flux-jax convert dev2pro-flax flux1-dev2pro.safetensors --layout bfl        # Flax -> BFL single file
+    flux-jax convert dev2pro-flax dev2pro-diffusers --layout diffusers --shard-size 5GB
+    flux-jax convert ashen0209/Flux-Dev2Pro-local flux1-dev2pro-bf16.safetensors --layout bfl --dtype bf16
+
+SRC is detected: a BFL single file (fp32 / bf16 / fp16 / fp8 / scaled fp8, optionally ComfyUI-prefixed), a
+diffusers transformer directory, or a Flax checkpoint directory. A LoRA safetensors file (detected by its keys) is
+handed to the LoRA converter (`--format`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+
+from flux_jax.errors import FluxJaxError
+from flux_jax.weights.convert import (
+    DTYPES,
+    OUTPUT_LAYOUTS,
+    convert_checkpoint,
+    convert_lora,
+    looks_like_lora,
+    parse_size,
+)
+from flux_jax.weights.writers import DEFAULT_SHARD_BYTES
+
+HELP = "convert Flux checkpoints: PyTorch (BFL, fp8, diffusers) <-> Flax checkpoint directories"
+LORA_FORMATS = ("kohya", "diffusers", "comfy")
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=pathlib.Path, help="checkpoint to read (file or directory; layout detected)")
+    parser.add_argument("dst", type=pathlib.Path, help="output path (must not exist unless --force)")
+    parser.add_argument(
+        "--layout",
+        choices=OUTPUT_LAYOUTS,
+        default=None,
+        help="output layout (default: flax for PyTorch inputs, bfl for Flax inputs)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="output dtype (default: keep the stored dtype; fp8 applies to matmul kernels in Flax checkpoints)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists (after the new one is complete)")
+    parser.add_argument(
+        "--shard-size",
+        default=None,
+        help=f"diffusers layout: maximum shard size, e.g. 5GB (default {DEFAULT_SHARD_BYTES // 10**9}GB)",
+    )
+    parser.add_argument("--config", type=pathlib.Path, default=None, help="FluxConfig JSON, for unusual shapes")
+    parser.add_argument("--format", choices=LORA_FORMATS, default=None, help="LoRA files only: output LoRA format")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _read_config(path: pathlib.Path | None):
+    if path is None:
+        return None
+    from flux_jax.weights.flax_checkpoint import config_from_json
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FluxJaxError(f"{path}: cannot read config JSON ({e})") from None
+    return config_from_json(raw, str(path))
+
+
+def _is_lora_file(src: pathlib.Path) -> bool:
+    if not src.is_file():
+        return False
+    from flux_jax.weights.safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(src) as f:  # header only; a corrupt file fails here with its own clear message
+        return looks_like_lora(f.keys())
+
+
+def run(args: argparse.Namespace) -> int:
+    if _is_lora_file(args.src):
+        return convert_lora(args.src, args.dst, fmt=args.format, dtype=args.dtype, force=args.force)
+    if args.format is not None:
+        raise FluxJaxError(f"{args.src}: --format applies to LoRA files; this is a base checkpoint (use --layout)")
+    shard = parse_size(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
+    result = convert_checkpoint(
+        args.src,
+        args.dst,
+        layout=args.layout,
+        dtype=args.dtype,
+        force=args.force,
+        config=_read_config(args.config),
+        max_shard_bytes=shard,
+        progress=not args.no_progress,
+    )
+    gb = result.bytes_written / 1e9
+    log.info(
+        "wrote %s (%s layout, dtype %s, %.2f GB) from %s (%s) in %.1f s (%.2f GB/s)",
+        result.dst,
+        result.layout,
+        result.dtype,
+        gb,
+        result.src,
+        result.src_layout,
+        result.seconds,
+        gb / max(result.seconds, 1e-9),
+    )
+    return 0

@@ -1,0 +1,28 @@
+"""Ahead-of-time fit planning for TPU slices (``flux-jax plan``), on a machine without TPUs.
+
+- ``parse_target("v5e-8" | "v5e:2x4")`` / ``devices(target)``: a slice's compile-only devices from libtpu
+  (``topology.py``; the process needs ``aot_environment(target)`` set before JAX starts).
+- ``plan(cfg, target)``: compile the run's real train step for the slice and return a ``Plan`` (per-chip HBM
+  against capacity, FLOPs, s/step at peak); ``format_report(plan)`` (``fit.py``).
+- ``count_flops(hlo_text)``: matmul FLOPs of a compiled module with scanned loops counted per iteration
+  (``hlo_flops.py``).
+"""
+
+from flux_jax.planning.fit import Memory, Plan, PlanError, format_report, plan
+from flux_jax.planning.hlo_flops import FlopCount, count_flops
+from flux_jax.planning.topology import TopologyError, TpuTarget, aot_environment, devices, parse_target
+
+__all__ = [
+    "FlopCount",
+    "Memory",
+    "Plan",
+    "PlanError",
+    "TopologyError",
+    "TpuTarget",
+    "aot_environment",
+    "count_flops",
+    "devices",
+    "format_report",
+    "parse_target",
+    "plan",
+]

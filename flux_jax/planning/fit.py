@@ -1,0 +1,236 @@
+"""Does a training run fit a TPU slice? Compile its real step for the slice and read XLA's numbers.
+
+``plan(cfg, target)`` builds the trainer's step on abstract, sharded arguments (``flux_jax.train.abstract``) over the
+target's compile-only devices, compiles it ahead of time for that TPU, and returns a :class:`Plan`:
+
+- per-chip HBM from ``compiled.memory_analysis()``: arguments (the base shard, LoRA, optimizer state, batch),
+  outputs, temporaries (activations, gathered weights), minus outputs aliasing donated inputs; the step fits when
+  that total is within the chip's HBM. When the TPU compiler itself runs out of HBM it refuses to compile; the
+  plan then reports its "used / available" figures and does not fit.
+- FLOPs: XLA's ``cost_analysis()`` counts a loop body once, and the model runs its blocks in scanned loops, so the
+  per-chip matmul FLOPs of a step are counted from the compiled HLO with every loop counted as many times as it
+  runs (``hlo_flops``). The step-time estimate is those FLOPs at the chip's peak FLOP/s: a floor (100% of peak;
+  divide by the MFU you expect). XLA's own ``optimal_seconds`` is reported as is; for the full Flux step this
+  libtpu returns a negative value (no estimate), and where it is positive it still counts each loop body once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import re
+import time
+from typing import Any
+
+from flux_jax.errors import FluxJaxError
+from flux_jax.model import PRESETS, FluxConfig
+from flux_jax.planning import hlo_flops
+from flux_jax.planning.topology import TpuTarget, devices, peak_flops
+from flux_jax.run_config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# T5 tokens per caption in the cached dataset (FLUX.1-dev: 512; EncodersConfig.t5_max_length).
+DEFAULT_TEXT_LEN = 512
+
+
+class PlanError(FluxJaxError):
+    """The step could not be compiled for the target for a reason other than memory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-chip bytes of one step (``memory_analysis()``); ``total`` is the peak the step needs."""
+
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    total: int
+    from_compiler_error: bool = False
+    """True when the compiler refused the program (out of HBM) and only reported its total."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    target: TpuTarget
+    model: str
+    """The architecture planned: a preset name or the base checkpoint's path."""
+    mesh: dict[str, int]
+    batch_size: int
+    grad_accum: int
+    resolution: int
+    text_len: int
+    base_dtype: str
+    remat: str
+    attention: str
+    memory: Memory
+    capacity: int
+    """Per-chip HBM bytes the plan is checked against."""
+    flops: float | None
+    """Per-chip matmul FLOPs of one step, every loop iteration counted (None when not compiled)."""
+    xla_flops: float | None
+    """``cost_analysis()["flops"]``: loop bodies counted once."""
+    xla_optimal_seconds: float | None
+    """``cost_analysis()["optimal_seconds"]`` (loop bodies once); None where XLA gives no (a negative) estimate."""
+    seconds_at_peak: float | None
+    """Matmul FLOPs at the chip's peak FLOP/s: the time no schedule can beat."""
+    peak_flops: float | None
+    compile_seconds: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def fits(self) -> bool:
+        return not self.memory.from_compiler_error and self.memory.total <= self.capacity
+
+    @property
+    def per_chip_batch(self) -> float:
+        return self.batch_size / self.target.chips
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["target"] = {"name": self.target.name, "topology": self.target.topology, "chips": self.target.chips,
+                         "hbm_gib": self.target.generation.hbm_gib}  # fmt: skip
+        out["fits"] = self.fits
+        out["notes"] = list(self.notes)
+        return out
+
+
+def resolve_model(cfg: RunConfig) -> tuple[FluxConfig, str, tuple[str, ...]]:
+    """The base architecture to plan: ``model.preset``, else the config of ``model.base`` if it is on this machine,
+    else Flux.1-dev's (the recipe's Dev2Pro base has it); the planner never needs the weights themselves."""
+    if cfg.model.preset is not None:
+        if cfg.model.preset not in PRESETS:
+            raise FluxJaxError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+        return PRESETS[cfg.model.preset], cfg.model.preset, ()
+    if cfg.model.base and pathlib.Path(cfg.model.base).exists():
+        from flux_jax.weights.checkpoint import open_checkpoint
+
+        with open_checkpoint(cfg.model.base) as ckpt:
+            return ckpt.config, cfg.model.base, ()
+    note = (f"model.base {cfg.model.base!r} is not on this machine: planned the Flux.1-dev architecture "
+            "(Dev2Pro's); set model.preset to plan another")  # fmt: skip
+    return PRESETS["dev"], "dev", (note,)
+
+
+# The TPU compiler's out-of-memory errors, e.g. "Ran out of memory on HBM, the total memory required for HLO
+# temporaries (36.00G) exceeds available HBM (15.75G)." (libtpu 0.0.42) or "Used 20.1G of 15.75G hbm.".
+_OOM = (
+    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.IGNORECASE),
+    re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE),
+)
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from the TPU compiler's out-of-memory error, or None for other errors."""
+    for pattern in _OOM:
+        m = pattern.search(message)
+        if m:
+            need, available = (float(m.group(i)) * _UNITS[m.group(i + 1).upper()] for i in (1, 3))
+            return int(need), int(available)
+    return None
+
+
+def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
+         hbm_bytes: int | None = None) -> Plan:  # fmt: skip
+    """Compile ``cfg``'s training step for ``target`` and measure it (see the module docstring)."""
+    import jax
+
+    from flux_jax.sharding import make_mesh
+    from flux_jax.train.abstract import abstract_step
+    from flux_jax.train.step import memory_summary
+
+    model_config, model_name, notes = resolve_model(cfg)
+    devs = devices(target)
+    mesh = make_mesh(*cfg.mesh.shape, devices=devs)
+    step = abstract_step(cfg, mesh, model_config=model_config)
+    batch = step.batch(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                       resolution=cfg.data.resolution, text_len=text_len)  # fmt: skip
+    capacity = target.hbm_bytes if hbm_bytes is None else hbm_bytes
+    peak = peak_flops(target, devs[0])
+    common = dict(target=target, model=model_name, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
+                  grad_accum=cfg.train.grad_accum, resolution=cfg.data.resolution, text_len=text_len,
+                  base_dtype=cfg.model.base_dtype, remat=cfg.model.remat, attention=cfg.model.attention,
+                  capacity=capacity, peak_flops=peak)  # fmt: skip
+    log.info("compiling the train step for %s (%s, mesh %s, batch %d at %d px); this can take minutes",
+             target.name, target.topology, dict(mesh.shape), cfg.train.batch_size, cfg.data.resolution)  # fmt: skip
+    start = time.perf_counter()
+    try:
+        compiled = step.compile(batch)
+    except jax.errors.JaxRuntimeError as e:
+        oom = parse_oom(str(e))
+        if oom is None:
+            raise PlanError(f"compiling the step for {target.topology} failed: {str(e).strip()[:2000]}") from None
+        memory = Memory(argument=0, output=0, temp=0, alias=0, total=oom[0], from_compiler_error=True)
+        note = (f"the TPU compiler ran out of HBM: the step needs {_gib(oom[0])} per chip, the compiler can use "
+                f"{_gib(oom[1])}")  # fmt: skip
+        return Plan(memory=memory, flops=None, xla_flops=None, xla_optimal_seconds=None, seconds_at_peak=None,
+                    compile_seconds=time.perf_counter() - start, notes=(*notes, note), **common)  # fmt: skip
+    seconds = time.perf_counter() - start
+    gib = memory_summary(compiled)
+    if gib is None:
+        raise PlanError(f"the compiled step for {target.topology} has no memory analysis")
+    b = {k: int(round(v * 2**30)) for k, v in gib.items()}
+    memory = Memory(argument=b["argument"], output=b["output"], temp=b["temp"], alias=b["alias"], total=b["total"])
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
+    xla_flops, optimal = cost.get("flops"), cost.get("optimal_seconds")
+    if optimal is not None and optimal < 0:  # XLA's "no estimate" (negative for the Flux step)
+        optimal = None
+    count = hlo_flops.count_flops(compiled.as_text())
+    if count.unknown_loops:
+        notes = (*notes, f"{count.unknown_loops} loop(s) with an unreadable trip count were counted once")
+    return Plan(memory=memory, flops=count.flops, xla_flops=xla_flops, xla_optimal_seconds=optimal,
+                seconds_at_peak=count.flops / peak if peak else None,
+                compile_seconds=seconds, notes=notes, **common)  # fmt: skip
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_report(p: Plan) -> str:
+    """The human-readable report ``flux-jax plan`` prints."""
+    t = p.target
+    mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.items())
+    lines = [
+        f"target     {t.name} ({t.topology}, {t.chips} chips, {t.generation.hbm_gib} GiB HBM per chip)",
+        f"model      {p.model}, base {p.base_dtype}, remat {p.remat}, attention {p.attention}",
+        f"mesh       {mesh}",
+        f"batch      {p.batch_size} global ({p.per_chip_batch:g} per chip) in {p.grad_accum} micro-batch(es), "
+        f"{p.resolution} px ({(p.resolution // 16) ** 2} image + {p.text_len} text tokens)",
+        f"compiled   in {p.compile_seconds:.0f} s",
+        "",
+        "per-chip HBM",
+    ]
+    m = p.memory
+    if m.from_compiler_error:
+        lines.append(f"  total        {_gib(m.total)} (the compiler's figure; it refused the program)")
+    else:
+        lines += [
+            f"  arguments    {_gib(m.argument)}",
+            f"  outputs      {_gib(m.output)}",
+            f"  temporaries  {_gib(m.temp)}",
+            f"  donated      -{_gib(m.alias)} (outputs reusing donated inputs)",
+            f"  total        {_gib(m.total)}",
+        ]
+    lines.append(f"  capacity     {_gib(p.capacity)}")
+    if p.flops is not None:
+        lines += ["", "compute per chip and step"]
+        lines.append(f"  matmul FLOPs         {p.flops / 1e12:.4g} TFLOP (every loop iteration counted)")
+        if p.xla_flops is not None:
+            lines.append(f"  XLA cost analysis    {p.xla_flops / 1e12:.4g} TFLOP (loop bodies counted once)")
+        if p.xla_optimal_seconds is not None:
+            lines.append(f"  XLA optimal_seconds  {p.xla_optimal_seconds:.3f} s (loop bodies counted once)")
+        if p.seconds_at_peak is not None:
+            peak = p.peak_flops / 1e12
+            lines.append(f"  s/step at peak       {p.seconds_at_peak:.3g} s (the matmul FLOPs at {peak:.0f} TFLOP/s "
+                         "per chip: a floor)")  # fmt: skip
+    for note in p.notes:
+        lines.append(f"note: {note}")
+    lines.append("")
+    verdict = "fits" if p.fits else "does not fit"
+    lines.append(f"{verdict}: {_gib(p.memory.total)} of {_gib(p.capacity)} per chip on {t.name}")
+    return "\n".join(lines)

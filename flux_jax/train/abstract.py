@@ -1,0 +1,153 @@
+"""The trainer's compiled step with shapes only: what ``flux-jax plan`` compiles for a TPU it does not have.
+
+``abstract_step(cfg, mesh, model_config=)`` builds everything ``loop.setup`` builds for the step, from the same
+functions (``build.random_base`` / ``attach_lora`` / ``split_trainable``, ``build_optimizer``, ``Objective``,
+``StepCompiler``), but under ``nnx.eval_shape`` / ``jax.eval_shape``: the 12B base and the optimizer state exist
+as ShapeDtypeStructs carrying the shardings the trainer would give them, so nothing is allocated and the mesh may
+be made of compile-only devices (``jax.experimental.topologies``). ``AbstractStep.compile`` then lowers and
+compiles the very ``train_step`` executable the trainer runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from flux_jax.model import FluxConfig
+from flux_jax.optim import build_optimizer
+from flux_jax.run_config import ConfigError, RunConfig
+from flux_jax.sharding import Rules, state_shardings, use_mesh
+from flux_jax.train import build
+from flux_jax.train.objective import Objective
+from flux_jax.train.state import TrainState, abstract_like, replicated
+from flux_jax.train.step import StepCompiler
+
+# What the data pipeline caches (flux_jax.train.data; `flux-jax cache` stores bf16): latents, T5 states and the
+# pooled CLIP vector in bf16; BatchIterator adds image position ids in fp32.
+BATCH_DTYPES = {"latents": jnp.bfloat16, "t5": jnp.bfloat16, "clip": jnp.bfloat16, "img_ids": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractStep:
+    """The step compiler of a run and the abstract (sharded) arguments to compile it with."""
+
+    compiler: StepCompiler
+    state: TrainState
+    """ShapeDtypeStructs with the state's shardings."""
+    frozen: nnx.State
+    """The frozen base (and LoRA masks) as ShapeDtypeStructs with their shardings."""
+    model_config: FluxConfig
+    mesh: Mesh
+    rules: Rules
+    adapted: tuple[str, ...]
+
+    def batch(self, *, batch_size: int, grad_accum: int, resolution: int, text_len: int) -> dict[str, Any]:
+        """The abstract batch of the data pipeline: [micro, rows, ...] leaves, square ``resolution`` images."""
+        cfg = self.model_config
+        tokens = (resolution // 16) ** 2  # VAE /8, then 2x2 packing
+        micro, rows = grad_accum, batch_size // grad_accum
+        shapes = {
+            "latents": (micro, rows, tokens, cfg.in_channels),
+            "t5": (micro, rows, text_len, cfg.context_in_dim),
+            "clip": (micro, rows, cfg.vec_in_dim),
+            "img_ids": (micro, rows, tokens, 3),
+        }
+        sharding = self.compiler.batch_sharding
+        return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=sharding) for k, s in shapes.items()}
+
+    def compile(self, batch: dict[str, Any]) -> jax.stages.Compiled:
+        """Lower and compile the train step for ``batch`` (the trainer's first call does exactly this)."""
+        with use_mesh(self.mesh, self.rules):
+            return self.compiler.compile(self.state, batch)
+
+
+def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
+    """The trainer's rule (``loop.setup``): a micro-batch's rows are split over mesh.data x mesh.fsdp."""
+    rows = batch_size // grad_accum
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % split:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {rows} samples per micro-batch cannot be split over "
+            f"mesh.data x mesh.fsdp = {split} devices; make it a multiple of {split}",
+            key="train.batch_size",
+        )
+
+
+def _sds(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def abstract_opt_state(tx: optax.GradientTransformation, lora: dict[str, jax.ShapeDtypeStruct],
+                       mesh: Mesh) -> tuple[Any, Any]:  # fmt: skip
+    """The optimizer state's shapes and shardings, as ``init_train_state`` gets them.
+
+    The trainer runs ``jax.jit(tx.init)(lora)`` and keeps whatever shardings the compiler gives the outputs
+    (moments follow their params), pinning leaves not placed on the mesh as replicated. Compiling ``tx.init``
+    for the same mesh gives the same shardings without running it.
+    """
+    compiled = jax.jit(tx.init).lower(lora).compile()
+    shapes = jax.eval_shape(tx.init, lora)
+    repl = replicated(mesh)
+
+    def on_mesh(s: Any) -> NamedSharding:
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
+
+    shardings = jax.tree.map(on_mesh, compiled.output_shardings)
+    return jax.tree.map(_sds, shapes, shardings), shardings
+
+
+def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> AbstractStep:
+    """The run's step compiler and abstract arguments on ``mesh`` (see the module docstring).
+
+    ``model_config`` is the base's architecture (a loaded base's config comes from its checkpoint, which the
+    planner need not have): the base is built as a random base of that shape, which has the same parameter
+    dtypes and shardings as a loaded one (both store through ``weights.load.storage_dtype``).
+    """
+    rules = cfg.mesh.rules
+    check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+    seed = cfg.train.seed
+
+    adapted: list[str] = []
+
+    def build_model() -> nnx.Module:
+        # The trainer's own builders, traced for shapes only: the random base stores parameters exactly as a
+        # loaded one would (dtypes from weights.load.storage_dtype), then the run's adapters are attached.
+        model = build.random_base(model_config, base_dtype=cfg.model.base_dtype,
+                                  compute_dtype=cfg.model.compute_dtype, mesh=mesh, rules=rules, seed=seed,
+                                  attention=cfg.model.attention, remat=cfg.model.remat)  # fmt: skip
+        adapted[:] = build.attach_lora(model, cfg.lora, seed=seed)
+        return model
+
+    with use_mesh(mesh, rules):
+        model = nnx.eval_shape(build_model)
+    graphdef, lora_state, frozen = build.split_trainable(model)
+    # The trainer places every variable by its logical axes (build.place); the same function on shapes.
+    frozen = jax.tree.map(_sds, frozen, state_shardings(frozen, mesh, rules))
+    lora_sh = build.flat_params(state_shardings(lora_state, mesh, rules))
+    lora = {k: _sds(v, lora_sh[k]) for k, v in build.flat_params(lora_state).items()}
+    template = jax.tree.map(_sds, lora_state)
+
+    tx = build_optimizer(cfg.optim, cfg.train.steps)
+    opt_state, opt_sh = abstract_opt_state(tx, lora, mesh)
+    ema = cfg.optim.ema_decay is not None
+    repl = replicated(mesh)
+    shardings = TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        lora=lora,
+        opt_state=opt_state,
+        ema=lora if ema else None,
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed))),
+    )
+    state = abstract_like(state, shardings)
+    compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,
+                            objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
+                            mesh=mesh)  # fmt: skip
+    return AbstractStep(compiler=compiler, state=state, frozen=compiler.abstract_frozen, model_config=model_config,
+                        mesh=mesh, rules=rules, adapted=tuple(adapted))  # fmt: skip

@@ -1,0 +1,277 @@
+"""Training checkpoints with orbax: LoRA params, optimizer state, step, RNG, data position and a JSON meta.
+
+Layout: ``<output_dir>/checkpoints/<step>/`` with the orbax items
+
+  ``lora``   the trainable params, a flat ``{module path: array}`` dict (what export needs)
+  ``ema``    their EMA, only when optim.ema_decay is set
+  ``train``  ``{"step", "opt_state", "rng"}``
+  ``data``   the data-iterator state ``{"epoch", "position"}`` (JSON)
+  ``meta``   what the run was (JSON, see :func:`run_meta`): base config, LoRA settings, the full run config
+
+The base model is never saved. orbax writes each step into a temporary directory and renames it when every item
+is complete, so a run killed mid-save (even by SIGKILL) leaves the previous checkpoints intact and the partial
+one invisible; ``latest_step`` only ever names complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flux_jax.errors import CheckpointError
+from flux_jax.model import Flux, FluxConfig
+from flux_jax.run_config import RunConfig, from_dict
+from flux_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+META_FORMAT = "flux_jax.lora_run"
+META_VERSION = 1
+# Settings that fix the shape or meaning of the saved state: a resumed run must not change them.
+RESUME_INVARIANTS = ("rank", "alpha", "targets", "blocks", "lora_dtype", "ema", "base_config")
+
+
+def lora_settings(cfg: RunConfig) -> dict:
+    """The run's LoRA settings as stored in the meta (JSON types)."""
+    return {
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "targets": cfg.lora.targets if isinstance(cfg.lora.targets, str) else list(cfg.lora.targets),
+        "blocks": None if cfg.lora.blocks is None else list(cfg.lora.blocks),
+        "lora_dtype": cfg.lora.dtype,
+        "ema": cfg.optim.ema_decay is not None,
+    }
+
+
+def run_meta(cfg: RunConfig, *, base_config: FluxConfig, adapted: list[str], dataset: str, step: int) -> dict:
+    """The JSON meta stored with every checkpoint (the contract ``read_lora_weights`` returns)."""
+    return {
+        "format": META_FORMAT,
+        "version": META_VERSION,
+        "step": step,
+        **lora_settings(cfg),
+        "adapted": adapted,
+        "base": cfg.model.base or f"random:{cfg.model.preset}",
+        "base_config": _config_dict(base_config),
+        "guidance": cfg.train.guidance,
+        "guidance_range": None if cfg.train.guidance_range is None else list(cfg.train.guidance_range),
+        "timestep_sampling": cfg.train.timestep_sampling,
+        "steps": cfg.train.steps,
+        "dataset": dataset,
+        "config": cfg.to_dict(),
+    }
+
+
+def _config_dict(cfg: FluxConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["axes_dim"] = list(cfg.axes_dim)
+    return d
+
+
+def base_config_from_meta(meta: dict, where: str) -> FluxConfig:
+    try:
+        return FluxConfig(**meta["base_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: checkpoint meta has no valid base_config ({e})") from None
+
+
+class Checkpointer:
+    """An orbax CheckpointManager over ``<run_dir>/checkpoints`` with this trainer's items."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        ema: bool = False,
+        read_only: bool = False,
+    ):
+        self.directory = pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR
+        self.ema = ema
+        self.items = ("lora", "train", "data", "meta") + (("ema",) if ema else ())
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            # Leftovers of a save that was killed half-way are removed when the next run starts.
+            cleanup_tmp_directories=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.items)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, *, data_state: dict, meta: dict) -> int:
+        """Save (asynchronously if configured) at ``state.step``; returns the step.
+
+        Device arrays are copied to host before this returns, so the caller may donate ``state`` right away.
+        """
+        step = int(jax.device_get(state.step))
+        if step in self.manager.all_steps():
+            return step
+        args = {
+            "lora": ocp.args.StandardSave(state.lora),
+            "train": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state, "rng": state.rng}),
+            "data": ocp.args.JsonSave(data_state),
+            "meta": ocp.args.JsonSave(dict(meta, step=step)),
+        }
+        if self.ema:
+            args["ema"] = ocp.args.StandardSave(state.ema)
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        return step
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict, dict]:
+        """(state, data state, meta) of ``step``; ``target`` is an abstract TrainState with shardings."""
+        args = {
+            "lora": ocp.args.StandardRestore(target.lora),
+            "train": ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state, "rng": target.rng}),
+            "data": ocp.args.JsonRestore(),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if self.ema:
+            args["ema"] = ocp.args.StandardRestore(target.ema)
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the training state: {e}") from e
+        train = got["train"]
+        state = TrainState(
+            step=train["step"],
+            lora=got["lora"],
+            opt_state=train["opt_state"],
+            ema=got["ema"] if self.ema else None,
+            rng=train["rng"],
+        )
+        return state, got["data"], got["meta"]
+
+    def read_meta(self, step: int) -> dict:
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{self.directory / str(step)}: cannot read the checkpoint meta: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+            raise CheckpointError(f"{self.directory / str(step)}: not a flux-jax LoRA training checkpoint")
+        return meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def check_resume_compatible(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume a run whose LoRA or base changed (the saved tensors would not fit, or mean something else).
+
+    Compares the ``RESUME_INVARIANTS`` present in ``current`` (so it can run before the base is built, on the
+    config-level settings, and again once the base config is known).
+    """
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
+        for k in RESUME_INVARIANTS
+        if k in current and saved.get(k) != current[k]
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{where}: cannot resume: the run's settings changed since this checkpoint:\n  "
+            + "\n  ".join(diffs)
+            + "\nuse a new output_dir for a different LoRA or base"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run's LoRA back (the export side's entry point)
+
+
+def _locate(path: pathlib.Path, step: int | None) -> tuple[pathlib.Path, int | None]:
+    """(checkpoints dir, step or None for latest) from a run dir, a checkpoints dir or a checkpoints/<step> dir."""
+    if (path / CHECKPOINT_DIR).is_dir():
+        return path / CHECKPOINT_DIR, step
+    if path.name == CHECKPOINT_DIR and path.is_dir():
+        return path, step
+    if path.parent.name == CHECKPOINT_DIR and path.name.isdigit() and path.is_dir():
+        if step is not None and step != int(path.name):
+            raise CheckpointError(f"{path}: is the checkpoint of step {path.name}, but step={step} was requested")
+        return path.parent, int(path.name)
+    raise CheckpointError(
+        f"{path}: not a training run (no {CHECKPOINT_DIR}/ inside) nor a {CHECKPOINT_DIR}/<step> directory"
+    )
+
+
+def read_lora_weights(
+    path: str | os.PathLike, step: int | None = None, *, use_ema: bool = False
+) -> tuple[Flux, dict[str, Any]]:
+    """A run's trained LoRA as a Flux model with adapters, plus the run's meta.
+
+    path: a run directory (``output_dir``), its ``checkpoints/`` directory, or one ``checkpoints/<step>`` directory.
+    step: which checkpoint (default: the latest complete one).
+    use_ema: load the EMA weights instead (only for runs with optim.ema_decay set).
+
+    The model has the run's base config with an *abstract* base (ShapeDtypeStructs: no base weights are read or
+    allocated) and real LoRA adapters attached exactly as in training (rank, alpha, targets, blocks; per-layer
+    masks included), filled from the checkpoint, in eval mode (dropout off). ``meta`` has the keys "step", "rank",
+    "alpha", "targets", "base", "guidance", "timestep_sampling", "steps", "dataset", "config" (the full run
+    config dict) and more (see ``run_meta``).
+    """
+    from flux_jax.lora import set_lora_training
+    from flux_jax.train.build import attach_lora, flat_params, random_flux, split_trainable, unflatten
+
+    path = pathlib.Path(path)
+    ckpt_dir, step = _locate(path, step)
+    reader = Checkpointer(ckpt_dir.parent, read_only=True, ema=use_ema)
+    try:
+        if step is None:
+            step = reader.latest_step()
+            if step is None:
+                raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
+        elif step not in reader.all_steps():
+            raise CheckpointError(f"{ckpt_dir}: no checkpoint for step {step} (have {reader.all_steps()})")
+        where = str(ckpt_dir / str(step))
+        meta = reader.read_meta(step)
+        if use_ema and not meta.get("ema"):
+            raise CheckpointError(f"{where}: the run kept no EMA (optim.ema_decay unset); use_ema=True is impossible")
+        run_cfg = from_dict(meta["config"])
+        base_cfg = base_config_from_meta(meta, where)
+        m = run_cfg.model
+        # The training model's structure, abstractly: shapes and dtypes only, no base weights anywhere.
+        model = nnx.eval_shape(
+            lambda: random_flux(
+                base_cfg,
+                base_dtype=m.base_dtype,
+                compute_dtype=m.compute_dtype,
+                seed=0,
+                attention=m.attention,
+                remat=m.remat,
+            )
+        )
+        attach_lora(model, dataclasses.replace(run_cfg.lora, init_from=None), seed=0)
+        set_lora_training(model, False)
+        _, lora_state, _ = split_trainable(model)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in flat_params(lora_state).items()
+        }
+        item = "ema" if use_ema else "lora"
+        try:
+            got = reader.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            raise CheckpointError(f"{where}: cannot read the LoRA weights: {e}") from e
+    finally:
+        reader.close()
+    got = got[item]
+    nnx.update(model, unflatten(lora_state, got))
+    return model, meta

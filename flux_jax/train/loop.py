@@ -1,0 +1,359 @@
+"""The training loop: a ``Trainer`` composed of a compiled step, a data iterator, a checkpointer and a metrics writer.
+
+``setup(cfg)`` builds those pieces (and the initial or resumed state) from a ``RunConfig``; ``Trainer.run(state)``
+only loops: fetch a batch, run the step, log, check for NaN, save every N steps, stop cleanly on SIGTERM.
+``train(cfg)`` is both. Step metrics are read one step late, so the host dispatches step n+1 before it waits
+for step n and the device never idles on Python; a checkpoint is only written after the metrics of the step
+it holds were checked, so a NaN step is never saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from flux_jax.atomic import atomic_file
+from flux_jax.errors import FluxJaxError
+from flux_jax.model import FluxConfig
+from flux_jax.optim import build_optimizer, build_schedule
+from flux_jax.run_config import ConfigError, RunConfig
+from flux_jax.sharding import make_mesh, use_mesh
+from flux_jax.train import build
+from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
+from flux_jax.train.data import (
+    INDEX_NAME,
+    BatchIterator,
+    CachedExamples,
+    DataError,
+    ExampleSource,
+    synthetic_examples,
+)
+from flux_jax.train.metrics import MetricsWriter, peak_flops, useful_flops_per_sample
+from flux_jax.train.objective import Objective, warn_about_guidance
+from flux_jax.train.preemption import PreemptionWatcher
+from flux_jax.train.state import TrainState, abstract_like, init_train_state
+from flux_jax.train.step import StepCompiler, check_batch_split, micro_batches
+
+log = logging.getLogger(__name__)
+
+
+class DataIterator(Protocol):
+    """What the loop reads: this host's rows of the next global batch, and a JSON-able resumable state."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingDivergedError(FluxJaxError):
+    """The loss (or gradient norm) became NaN/Inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    run_dir: pathlib.Path
+    step: int
+    """Optimizer updates done."""
+    checkpoint: pathlib.Path | None
+    """The latest complete checkpoint directory (what export reads)."""
+    preempted: bool
+    last_loss: float | None
+    state: TrainState | None = None
+    """The final training state (on device), for programmatic use."""
+
+
+def open_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tuple[DataIterator, ExampleSource]:
+    """The run's batch iterator and the examples behind it, by what ``data`` points at:
+
+    - ``data.synthetic``: the built-in synthetic set (needs the model's dims: call after the model is built);
+    - a directory holding this module's cached-example ``index.json`` (``flux_jax.train.data``);
+    - anything else: the latent cache of ``flux-jax cache`` (``flux_jax.data``: grain, buckets, repeats, caption
+      dropout), found from ``data.path`` / ``data.cache_dir``.
+
+    Opening validates the dataset, so a bad path fails before the (possibly 12B-parameter) base is built.
+    """
+    hosts, host = jax.process_count(), jax.process_index()
+    if cfg.data.synthetic:
+        assert model_cfg is not None, "the synthetic set is shaped by the model"
+        source: ExampleSource = synthetic_examples(
+            in_channels=model_cfg.in_channels,
+            context_dim=model_cfg.context_in_dim,
+            vec_dim=model_cfg.vec_in_dim,
+            resolution=cfg.data.resolution,
+            seed=cfg.data.shuffle_seed,
+        )
+    elif (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
+        source = CachedExamples(cfg.data.path)
+    else:
+        from flux_jax.data.pipeline import make_train_iterator
+
+        pipeline = make_train_iterator(
+            cfg, process_index=host, process_count=hosts, batch_size_per_host=cfg.train.batch_size // hosts
+        )
+        return pipeline, pipeline.cache
+    if cfg.data.caption_dropout > 0:
+        raise ConfigError(
+            "data.caption_dropout > 0 needs the empty-caption embeddings of a `flux-jax cache` latent cache; the "
+            "synthetic set and the cached-example format do not hold them; set data.caption_dropout=0",
+            key="data.caption_dropout",
+        )
+    iterator = BatchIterator(
+        source, batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed, process_index=host, process_count=hosts
+    )
+    return iterator, source
+
+
+def check_fits(source: ExampleSource, model_cfg: FluxConfig) -> None:
+    """The examples' feature widths must be the model's (e.g. a cache made for another text encoder)."""
+    first = source.read(0)
+    want = {"latents": model_cfg.in_channels, "t5": model_cfg.context_in_dim, "clip": model_cfg.vec_in_dim}
+    got = {"latents": first.latents.shape[-1], "t5": first.t5.shape[-1], "clip": first.clip.shape[-1]}
+    bad = [f"{k} width {got[k]} (model expects {want[k]})" for k in want if got[k] != want[k]]
+    if bad:
+        raise DataError(f"{source.describe()}: examples do not fit the model: {', '.join(bad)}")
+
+
+class Trainer:
+    """Loops a compiled step over a data iterator, checkpointing and logging as it goes."""
+
+    def __init__(
+        self,
+        *,
+        step: StepCompiler,
+        frozen: Any,
+        data: DataIterator,
+        grad_accum: int,
+        checkpointer: Checkpointer,
+        metrics: MetricsWriter,
+        meta: dict,
+        total_steps: int,
+        checkpoint_every: int,
+        log_every: int,
+        schedule: optax.Schedule,
+        model_cfg: FluxConfig,
+        rules: Any,
+        peak_tflops: float | None = None,
+        progress: bool = True,
+    ):
+        self.step = step
+        self.frozen = frozen
+        self.data = data
+        self.grad_accum = grad_accum
+        self.checkpointer = checkpointer
+        self.metrics = metrics
+        self.meta = meta
+        self.total_steps = total_steps
+        self.checkpoint_every = checkpoint_every
+        self.log_every = log_every
+        self.schedule = schedule
+        self.model_cfg = model_cfg
+        self.rules = rules
+        self.progress = progress
+        self.mesh = step.mesh
+        self.peak = peak_flops(self.mesh.devices.flat[0], peak_tflops)
+        self._bar: tqdm | None = None
+        self._last_time: float | None = None
+        self.last_loss: float | None = None
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Global arrays from this host's rows (on one host: a plain sharded device_put)."""
+        return {k: jax.make_array_from_process_local_data(self.step.batch_sharding, v) for k, v in batch.items()}
+
+    def run(self, state: TrainState) -> TrainResult:
+        start = int(jax.device_get(state.step))
+        preempted = False
+        if start >= self.total_steps:
+            log.info("nothing to do: the run is already at step %d of %d", start, self.total_steps)
+            return self._result(start, preempted, state)
+        log.info("training steps %d..%d (%s)", start + 1, self.total_steps, self.meta["dataset"])
+        self._bar = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not self.progress or jax.process_index() != 0,
+        )
+        pending = None
+        step = start
+        try:
+            with use_mesh(self.mesh, self.rules), PreemptionWatcher() as watcher:
+                for step in range(start + 1, self.total_steps + 1):
+                    batch = micro_batches(next(self.data), self.grad_accum)
+                    data_state = self.data.get_state()
+                    compiles = not self.step.has_executable(batch)  # the first step, or a new bucket shape
+                    if compiles and pending is not None:  # keep the compile out of the previous step's time
+                        self._complete(*pending)
+                        pending = None
+                    state, metrics = self.step(self.frozen, state, self.to_device(batch))
+                    if compiles:
+                        self._last_time = time.perf_counter()
+                    if pending is not None:
+                        self._complete(*pending)
+                    pending = (step, metrics, batch, data_state)
+                    stop = watcher.should_stop(step)
+                    if step % self.checkpoint_every == 0 or step == self.total_steps or stop:
+                        self._complete(*pending)
+                        pending = None
+                        self.checkpointer.save(state, data_state=data_state, meta=self.meta)
+                    if stop:
+                        preempted = True
+                        log.warning("stopped at step %d on request; checkpoint saved, exiting cleanly", step)
+                        break
+                if pending is not None:
+                    self._complete(*pending)
+        finally:
+            # Let an async save in flight finish: after a NaN or a crash it is the last good checkpoint.
+            self.checkpointer.wait()
+            self.metrics.close()
+            self._bar.close()
+        return self._result(step, preempted, state)
+
+    def _result(self, step: int, preempted: bool, state: TrainState) -> TrainResult:
+        latest = self.checkpointer.latest_step()
+        return TrainResult(
+            run_dir=self.checkpointer.directory.parent,
+            step=step,
+            checkpoint=None if latest is None else self.checkpointer.directory / str(latest),
+            preempted=preempted,
+            last_loss=self.last_loss,
+            state=state,
+        )
+
+    def _complete(
+        self, step: int, metrics: dict[str, jax.Array], batch: dict[str, np.ndarray], data_state: dict[str, Any]
+    ) -> None:
+        """Wait for ``step``'s metrics, refuse NaN/Inf, then log them."""
+        values = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt = now - (self._last_time or now)
+        self._last_time = now
+        loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.checkpointer.wait()
+            latest = self.checkpointer.latest_step()
+            kept = f"step {latest} in {self.checkpointer.directory}" if latest is not None else "none"
+            raise TrainingDivergedError(
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping. Last good checkpoint: {kept}"
+            )
+        self.last_loss = loss
+        micro, rows, img_tokens = batch["latents"].shape[:3]
+        samples = micro * rows * jax.process_count()
+        txt_tokens = batch["t5"].shape[2]
+        record: dict[str, float | int | None] = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": float(self.schedule(step - 1)),
+        }
+        if dt > 0:
+            flops = useful_flops_per_sample(self.model_cfg, img_tokens, txt_tokens) * samples
+            record.update(
+                step_time=dt,
+                samples_per_s=samples / dt,
+                tokens_per_s=samples * (img_tokens + txt_tokens) / dt,
+                mfu=flops / dt / (self.peak * self.mesh.size) if self.peak else None,
+            )
+        # Where the data iterator stands after this step (resume tests compare these).
+        record.update({f"data_{k}": v for k, v in data_state.items() if k in ("epoch", "position", "next_batch")})
+        if step % self.log_every == 0 or step == self.total_steps:
+            self.metrics.write(step, record)
+        if self._bar is not None:
+            self._bar.update(1)
+            postfix = {"loss": f"{loss:.4f}"}
+            if dt > 0:
+                postfix.update({"s/step": f"{dt:.3f}", "samples/s": f"{samples / dt:.1f}"})
+            self._bar.set_postfix(postfix)
+
+
+def setup(
+    cfg: RunConfig, *, devices: Sequence[jax.Device] | None = None, progress: bool = True
+) -> tuple[Trainer, TrainState]:
+    """Build the trainer and its starting state (fresh, or resumed from the latest checkpoint in output_dir)."""
+    cfg.validate_for_training(require_data=not cfg.data.synthetic)
+    if cfg.lora.init_from:
+        raise ConfigError("lora.init_from is not supported by the trainer yet; unset it", key="lora.init_from")
+    mesh = make_mesh(*cfg.mesh.shape, devices=devices)
+    rules = cfg.mesh.rules
+    check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
+    run_dir = pathlib.Path(cfg.output_dir)
+    seed = cfg.train.seed
+    ema = cfg.optim.ema_decay is not None
+    # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
+    data, source = (None, None) if cfg.data.synthetic else open_data(cfg)
+    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
+    latest = checkpointer.latest_step()
+    saved_meta = None
+    if latest is not None:
+        saved_meta = checkpointer.read_meta(latest)
+        check_resume_compatible(saved_meta, lora_settings(cfg), str(checkpointer.directory / str(latest)))
+
+    with use_mesh(mesh, rules):
+        model, adapted = build.build_model(cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed)
+    model_cfg: FluxConfig = model.config
+    objective = Objective.from_config(cfg.train)
+    warn_about_guidance(objective, base=cfg.model.base, config=model_cfg)
+    if data is None:
+        data, source = open_data(cfg, model_cfg)
+    check_fits(source, model_cfg)
+    graphdef, lora_state, frozen = build.split_trainable(model)
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
+    tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
+    state, shardings = init_train_state(build.flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
+    del lora_state, model
+    meta = run_meta(cfg, base_config=model_cfg, adapted=adapted, dataset=source.describe(), step=0)
+    if latest is not None:
+        where = str(checkpointer.directory / str(latest))
+        check_resume_compatible(saved_meta, meta, where)  # now with the base config
+        state, data_state, _ = checkpointer.restore(latest, abstract_like(state, shardings))
+        data.set_state(data_state)
+        log.info("resuming from %s (step %d, data %s)", where, latest, data_state)
+    compiler = StepCompiler(
+        graphdef=graphdef,
+        template=template,
+        frozen=frozen,
+        state_shardings=shardings,
+        tx=tx,
+        objective=objective,
+        ema_decay=cfg.optim.ema_decay,
+        mesh=mesh,
+    )
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(run_dir / "config.yaml") as tmp:
+            tmp.write_text(cfg.to_yaml())
+    metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
+    trainer = Trainer(
+        step=compiler,
+        frozen=frozen,
+        data=data,
+        grad_accum=cfg.train.grad_accum,
+        checkpointer=checkpointer,
+        metrics=metrics,
+        meta=meta,
+        total_steps=cfg.train.steps,
+        checkpoint_every=cfg.checkpoint.every,
+        log_every=cfg.log.every,
+        schedule=build_schedule(cfg.optim, cfg.train.steps),
+        model_cfg=model_cfg,
+        rules=rules,
+        peak_tflops=cfg.log.peak_tflops,
+        progress=progress,
+    )
+    return trainer, state
+
+
+def train(cfg: RunConfig, *, devices: Sequence[jax.Device] | None = None, progress: bool = True) -> TrainResult:
+    trainer, state = setup(cfg, devices=devices, progress=progress)
+    return trainer.run(state)

@@ -1,0 +1,111 @@
+"""Training metrics: the FLOP count behind MFU, device peaks, and the jsonl + TensorBoard writers.
+
+FLOPs follow ``shared/bench/torch_peer_lora_step.py`` so the JAX and PyTorch numbers are comparable: per sample
+and block, forward matmuls ``2 * 12 H^2 L`` and attention ``4 L^2 H`` (L = image + text tokens); a LoRA step
+with a frozen base counts ``2 x`` the matmuls (forward + input gradients, no weight gradients) and ``3 x``
+attention (forward + two backward products). Embedders, modulation and the LoRA matmuls are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+
+import jax
+
+from flux_jax.model import FluxConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (what MFU is measured against), by substrings of `device_kind`.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def useful_flops_per_sample(cfg: FluxConfig, img_tokens: int, txt_tokens: int) -> float:
+    """The peer script's count of one LoRA training step for one sample (see the module docstring)."""
+    tokens = img_tokens + txt_tokens
+    blocks = cfg.depth + cfg.depth_single_blocks
+    h = cfg.hidden_size
+    matmul_fwd = 2 * 12 * h * h * tokens * blocks
+    attention_fwd = 4 * tokens * tokens * h * blocks
+    return 2 * matmul_fwd + 3 * attention_fwd
+
+
+def peak_flops(device: jax.Device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the override, else a known accelerator's bf16 peak, else None (e.g. CPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+class MetricsWriter:
+    """Appends one JSON record per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    Only process 0 writes. On resume, records past the resumed step (written after the last checkpoint of a
+    run that was killed) are dropped first, so the file holds each step once.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0, enabled: bool = True
+    ):
+        self.enabled = enabled
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

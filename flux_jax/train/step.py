@@ -1,0 +1,270 @@
+"""The training step: a pure module-level function, compiled once per batch shape with explicit shardings.
+
+``train_step(graphdef, template, frozen, state, batch, tx=, objective=, ema_decay=)`` merges the frozen base
+and the current LoRA params into the model, runs ``micro`` micro-batches (gradient accumulation by
+``lax.scan``; ``batch`` leaves are [micro, rows, ...]), averages their gradients, applies one optimizer update
+and the EMA, and returns the new state and scalar metrics. Only the LoRA params are differentiated; the base
+is an argument that is never donated and never changes.
+
+``StepCompiler`` binds the static parts with ``functools.partial``, jits with in/out shardings and the state
+donated, compiles ahead of time (so memory analysis is available before step 1) and caches one executable per
+batch shape; calling an executable with other shapes or shardings is an error, never a silent recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flux_jax.lora import seed_dropout, set_lora_training
+from flux_jax.run_config import ConfigError
+from flux_jax.train.build import unflatten
+from flux_jax.train.objective import Objective, flow_loss
+from flux_jax.train.state import TrainState, abstract_like, replicated
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, jax.Array]
+
+
+def _loss(
+    lora: dict[str, jax.Array],
+    frozen: nnx.State,
+    batch: Batch,
+    sample_keys: jax.Array,
+    dropout_key: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    template: nnx.State,
+    objective: Objective,
+) -> jax.Array:
+    # copy=True: fresh Variables of this trace level, which seed_dropout may write (the inputs' may not be).
+    model = nnx.merge(graphdef, unflatten(template, lora), frozen, copy=True)
+    seed_dropout(model, dropout_key)  # a no-op unless lora.dropout > 0
+    return flow_loss(model, batch, sample_keys, objective)
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    template: nnx.State,
+    frozen: nnx.State,
+    state: TrainState,
+    batch: Batch,
+    *,
+    tx: optax.GradientTransformation,
+    objective: Objective,
+    ema_decay: float | None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update over ``micro`` micro-batches (see the module docstring)."""
+    micro, rows = batch["latents"].shape[:2]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    sample_key, dropout_key = jax.random.split(key)
+    # One key per sample of the global batch, indexed by its position: independent of micro/device splits.
+    sample_keys = jax.vmap(lambda i: jax.random.fold_in(sample_key, i))(jnp.arange(micro * rows))
+    sample_keys = sample_keys.reshape(micro, rows)
+    dropout_keys = jax.random.split(dropout_key, micro)
+    grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef=graphdef, template=template, objective=objective))
+
+    def one(mb: Batch, keys: jax.Array, dkey: jax.Array):
+        return grad_fn(state.lora, frozen, mb, keys, dkey)
+
+    if micro == 1:
+        loss, grads = one(jax.tree.map(lambda x: x[0], batch), sample_keys[0], dropout_keys[0])
+    else:
+
+        def accumulate(carry, xs):
+            loss_sum, grad_sum = carry
+            loss, grads = one(*xs)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.lora)
+        (loss, grads), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (batch, sample_keys, dropout_keys)
+        )
+        loss = loss / micro
+        grads = jax.tree.map(lambda g: g / micro, grads)
+
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.lora)
+    updates, opt_state = tx.update(grads, state.opt_state, state.lora)
+    lora = optax.apply_updates(state.lora, updates)
+    ema = state.ema
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(e.dtype), ema, lora)
+    new_state = state.replace(step=state.step + 1, lora=lora, opt_state=opt_state, ema=ema)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_loss(
+    graphdef: nnx.GraphDef,
+    template: nnx.State,
+    frozen: nnx.State,
+    lora: dict[str, jax.Array],
+    batch: Batch,
+    key: jax.Array,
+    *,
+    objective: Objective,
+) -> jax.Array:
+    """The loss of ``lora`` on one batch ([rows, ...] leaves) with fixed randomness from ``key``: no update.
+
+    Sample ``i`` draws from ``fold_in(key, i)`` as in ``train_step``, so a fixed key gives a fixed noise/t draw
+    to compare parameters on (validation loss, the tests' "the loss fell").
+    """
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch["latents"].shape[0]))
+    model = nnx.merge(graphdef, unflatten(template, lora), frozen, copy=True)
+    set_lora_training(model, False)  # no LoRA dropout when measuring
+    return flow_loss(model, batch, keys, objective)
+
+
+STEP_KEYS = ("latents", "t5", "clip", "img_ids")
+
+
+def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh, process_count: int = 1) -> None:
+    """The batch layout rule: each micro-batch's rows split evenly over mesh.data x mesh.fsdp (and hosts)."""
+    rows = batch_size // grad_accum
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % split:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {rows} samples per micro-batch cannot be split over "
+            f"mesh.data x mesh.fsdp = {split} devices; make it a multiple of {split}",
+            key="train.batch_size",
+        )
+    if (batch_size // process_count) % grad_accum:
+        raise ConfigError(
+            f"train.batch_size {batch_size} over {process_count} hosts leaves {batch_size // process_count} rows "
+            f"per host, which train.grad_accum {grad_accum} does not divide",
+            key="train.batch_size",
+        )
+
+
+def micro_batches(batch: dict[str, Any], micro: int) -> dict[str, Any]:
+    """A host's rows ``[R, ...]`` -> the step's layout ``[micro, R / micro, ...]``, keeping only the step's keys.
+
+    Host rows are cut into ``micro`` contiguous chunks; global micro-batch m is chunk m of every host.
+    """
+    missing = [k for k in STEP_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
+    rows = batch["latents"].shape[0]
+    if rows % micro:
+        raise ValueError(f"{rows} rows per host cannot be cut into {micro} micro-batches")
+    return {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]) for k in STEP_KEYS}
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch leaves are [micro, rows, ...]: rows are split over ("data", "fsdp"), micro-batches stay whole."""
+    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+
+class StepCompiler:
+    """Compiled train steps for one (model, optimizer, objective), one executable per batch shape."""
+
+    def __init__(
+        self,
+        *,
+        graphdef: nnx.GraphDef,
+        template: nnx.State,
+        frozen: nnx.State,
+        state_shardings: TrainState,
+        tx: optax.GradientTransformation,
+        objective: Objective,
+        ema_decay: float | None,
+        mesh: Mesh,
+        step_fn: Callable[..., Any] = train_step,
+    ):
+        self.mesh = mesh
+        self.graphdef, self.template, self.objective = graphdef, template, objective
+        self.frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        self.abstract_frozen = abstract_like(frozen, self.frozen_shardings)
+        self.state_shardings = state_shardings
+        self.batch_sharding = batch_sharding(mesh)
+        bound = functools.partial(step_fn, graphdef, template, tx=tx, objective=objective, ema_decay=ema_decay)
+        self.traces = 0  # how often jax traced the step (the Python body runs only while tracing)
+
+        def fn(frozen, state, batch):
+            self.traces += 1
+            return bound(frozen, state, batch)
+
+        metric_sharding = replicated(mesh)
+        self.jitted = jax.jit(
+            fn,
+            in_shardings=(self.frozen_shardings, state_shardings, self.batch_sharding),
+            out_shardings=(state_shardings, metric_sharding),
+            donate_argnums=(1,),
+        )
+        self.executables: dict[tuple, jax.stages.Compiled] = {}
+
+    @staticmethod
+    def signature(batch: dict[str, Any]) -> tuple:
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    def compile(self, abstract_state: TrainState, abstract_batch: dict[str, jax.ShapeDtypeStruct]):
+        """The executable for this batch shape, compiling it (and logging its memory) the first time."""
+        key = self.signature(abstract_batch)
+        if key not in self.executables:
+            lowered = self.jitted.lower(self.abstract_frozen, abstract_state, abstract_batch)
+            compiled = lowered.compile()
+            log_memory(compiled, key)
+            self.executables[key] = compiled
+        return self.executables[key]
+
+    def has_executable(self, batch: dict[str, Any]) -> bool:
+        """Whether a batch of this shape runs without compiling first."""
+        return self.signature(batch) in self.executables
+
+    def abstract_batch(self, batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding) for k, v in batch.items()}
+
+    def __call__(self, frozen: nnx.State, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        key = self.signature(batch)
+        compiled = self.executables.get(key)
+        if compiled is None:
+            compiled = self.compile(abstract_like(state, self.state_shardings), self.abstract_batch(batch))
+        return compiled(frozen, state, batch)
+
+
+def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float] | None:
+    """Per-device bytes of the compiled step (arguments, outputs, temporaries, donated aliases), in GiB."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if stats is None:
+        return None
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    out = {f.removesuffix("_size_in_bytes"): getattr(stats, f, 0) / 2**30 for f in fields}
+    # Peak live memory of the step: inputs + outputs + temporaries, minus outputs that reuse donated inputs.
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def log_memory(compiled: jax.stages.Compiled, signature: tuple) -> None:
+    mem = memory_summary(compiled)
+    shapes = ", ".join(f"{k} {list(s)}" for k, s, _ in signature)
+    if mem is None:
+        log.info("compiled train step for %s (no memory analysis on this backend)", shapes)
+        return
+    log.info(
+        "compiled train step for %s; per-device memory: %.3f GiB total (arguments %.3f, outputs %.3f, "
+        "temporaries %.3f, donated aliases %.3f, code %.3f)",
+        shapes,
+        mem["total"],
+        mem["argument"],
+        mem["output"],
+        mem["temp"],
+        mem["alias"],
+        mem["generated_code"],
+    )

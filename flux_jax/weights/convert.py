@@ -1,0 +1,195 @@
+"""Checkpoint conversion, both ways: PyTorch weights (BFL / fp8 / diffusers) <-> Flax checkpoint directories.
+
+The one function behind `flux-jax convert` and the scripts in `convert/`. The direction follows from the source:
+PyTorch weights become a Flax checkpoint, a Flax checkpoint becomes PyTorch weights (BFL single file by default);
+`layout=` picks any output explicitly (e.g. diffusers -> BFL, or fp8 BFL -> bf16 BFL). Every output is written to
+a temporary sibling and renamed into place when complete, so a failure never leaves a partial destination.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+import time
+from typing import Literal
+
+import jax.numpy as jnp
+import numpy as np
+
+from flux_jax.atomic import OutputExistsError
+from flux_jax.errors import FluxJaxError
+from flux_jax.model.config import FluxConfig
+from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
+from flux_jax.weights.flax_checkpoint import write_flax_checkpoint
+from flux_jax.weights.load import flax_layer_sources, storage_dtype
+from flux_jax.weights.writers import DEFAULT_SHARD_BYTES, output_bytes, write_flux_bfl, write_flux_diffusers
+
+OutputLayout = Literal["flax", "bfl", "diffusers"]
+OUTPUT_LAYOUTS: tuple[str, ...] = ("flax", "bfl", "diffusers")
+DTYPES: dict[str, np.dtype] = {
+    "fp32": np.dtype(jnp.float32),
+    "bf16": np.dtype(jnp.bfloat16),
+    "fp16": np.dtype(jnp.float16),
+    "fp8": np.dtype(jnp.float8_e4m3fn),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    src: pathlib.Path
+    dst: pathlib.Path
+    src_layout: str
+    layout: str
+    dtype: str  # "keep" when each tensor kept its stored dtype
+    bytes_written: int
+    seconds: float
+
+
+def parse_dtype(name: str | None) -> np.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise FluxJaxError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def default_dtype(ckpt: FluxCheckpoint, layout: str) -> np.dtype | None:
+    """The output dtype when none is asked for: the source's own, so nothing is rounded.
+
+    A Flax checkpoint has one storage dtype: the one holding most of the source's bytes (fp8 for an fp8 file
+    whose few biases are bf16; fp8 kernels then keep their bits). PyTorch outputs keep each tensor's dtype (None).
+    Dequantised scaled-fp8 weights are no longer fp8 values: they become bf16 (the dtype ComfyUI computes them
+    in), not fp32, which would double the size for no information.
+    """
+    if ckpt.scaled_layers:
+        return DTYPES["bf16"]
+    if layout != "flax":
+        return None
+    stored = ckpt.stored_dtype
+    if stored is None or stored not in DTYPES.values():
+        return DTYPES["fp32"]
+    return stored
+
+
+def parse_size(text: str) -> int:
+    """'10GB' / '500MB' / '200KB' / '12345' -> bytes (decimal units, like diffusers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            t, scale = t[: -len(unit)].strip(), factor
+            break
+    else:
+        scale = 1
+    try:
+        value = float(t)
+    except ValueError:
+        raise FluxJaxError(f"invalid size {text!r} (examples: 10GB, 500MB, 200KB)") from None
+    if value <= 0 or not math.isfinite(value):
+        raise FluxJaxError(f"size must be positive, got {text!r}")
+    return int(value * scale)
+
+
+def _flax_bytes(ckpt: FluxCheckpoint, dtype: np.dtype) -> int:
+    return sum(
+        math.prod(src.shape) * storage_dtype(path, dtype).itemsize
+        for path, (_, layers) in flax_layer_sources(ckpt.config, ckpt.tensors).items()
+        for src in layers
+    )
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    layout: OutputLayout | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    config: FluxConfig | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = False,
+) -> ConversionResult:
+    """Convert the Flux transformer checkpoint at `src` into `dst`.
+
+    layout: "flax" (an orbax checkpoint directory), "bfl" (single safetensors file) or "diffusers" (sharded
+      directory); default: "flax" for PyTorch sources, "bfl" for Flax sources.
+    dtype: "fp32" / "bf16" / "fp16" / "fp8", or None to keep the stored dtype (see `default_dtype`).
+    force: replace an existing `dst` (only after the new one is complete).
+    progress: show a tqdm progress bar in bytes written.
+    """
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if layout is not None and layout not in OUTPUT_LAYOUTS:
+        raise FluxJaxError(f"unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
+    target = parse_dtype(dtype)
+    # Refuse before reading anything: an existing output is the cheapest mistake to report.
+    if dst.exists() and not force:
+        raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
+    if dst.resolve() == src.resolve():
+        raise FluxJaxError(f"{dst}: the output would overwrite the input")
+    start = time.perf_counter()
+    with open_checkpoint(src, config=config) as ckpt:
+        layout = layout or ("bfl" if ckpt.layout == "flax" else "flax")
+        target = target if target is not None else default_dtype(ckpt, layout)
+        total = _flax_bytes(ckpt, target) if layout == "flax" else output_bytes(ckpt, target)
+        bar = _progress_bar(total, f"{src.name} -> {dst.name}", enabled=progress)
+        written = 0
+
+        def step(n: int) -> None:
+            nonlocal written
+            written += n
+            bar.update(n)
+
+        try:
+            if layout == "flax":
+                write_flax_checkpoint(ckpt, dst, dtype=target, force=force, progress=step)
+            elif layout == "bfl":
+                write_flux_bfl(ckpt, dst, dtype=target, force=force, progress=step)
+            else:
+                write_flux_diffusers(
+                    ckpt, dst, dtype=target, force=force, progress=step, max_shard_bytes=max_shard_bytes
+                )
+        finally:
+            bar.close()
+        return ConversionResult(
+            src=src,
+            dst=dst,
+            src_layout=ckpt.layout,
+            layout=layout,
+            dtype="keep" if target is None else target.name,
+            bytes_written=written,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _progress_bar(total: int, desc: str, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=True)
+
+
+# -- LoRA files ---------------------------------------------------------------------------------------------------
+
+LORA_KEY_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora_unet_", ".processor.qkv_lora", ".alpha")
+
+
+def looks_like_lora(keys) -> bool:
+    """True for LoRA files (kohya, PEFT/diffusers, BFL-named lora_A/B, XLabs): they go to `flux_jax.lora_io`."""
+    return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
+
+
+def convert_lora(src: pathlib.Path, dst: pathlib.Path, *, fmt: str | None, dtype: str | None, force: bool) -> int:
+    """Hand a LoRA file to `flux_jax.lora_io.convert_lora_file(src, dst, format, dtype, force)` when it exists."""
+    import importlib
+
+    try:
+        lora_io = importlib.import_module("flux_jax.lora_io")
+    except ImportError:
+        lora_io = None
+    fn = getattr(lora_io, "convert_lora_file", None)
+    if fn is None:
+        raise FluxJaxError(f"{src}: is a LoRA file; LoRA file conversion not available in this flux-jax")
+    result = fn(src, dst, fmt, dtype, force)
+    return 0 if result is None else int(result) if isinstance(result, int) else 0

@@ -1,0 +1,213 @@
+"""The trainer on the tiny Flux over the 8 fake CPU devices: the loss falls, sharding changes nothing, one compile,
+NaN stops the run, resuming refuses a changed LoRA, and `read_lora_weights` gives export the trained adapters."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import PartitionSpec
+
+from flux_jax.errors import CheckpointError, FluxJaxError
+from flux_jax.model import preset
+from flux_jax.run_config import ConfigError, load_config
+from flux_jax.train import TrainingDivergedError, read_lora_weights, setup, train
+from flux_jax.train.build import BASE_PARAMS, flat_params, split_trainable
+from flux_jax.train.data import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
+from flux_jax.train.objective import Objective, warn_about_guidance
+from flux_jax.train.step import eval_loss
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+FAST = ["log.tensorboard=false", "checkpoint.async_save=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Share compiled programs between the runs of this session's trainer tests (the same tiny model and step are
+    built several times; the subprocess runs of test_train_resume.py read the same cache)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update(keys[0], str(tmp_path_factory.getbasetemp() / "train-xla-cache"))
+    jax.config.update(keys[1], 0.0)
+    jax.config.update(keys[2], 0)
+    compilation_cache.reset_cache()
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def config(tmp_path: Path, *overrides: str):
+    return load_config(TINY, [f"output_dir={tmp_path}", *FAST, *overrides])
+
+
+def host_lora(state) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in state.lora.items()}
+
+
+@pytest.mark.slow
+def test_loss_falls_and_the_step_compiles_once(tmp_path):
+    # data=2 x fsdp=4: the mesh of the sharded test below and of test_train_resume.py (one compile for all three).
+    cfg = config(tmp_path, "log.tensorboard=true", "mesh.data=2", "mesh.fsdp=4")
+    trainer, state = setup(cfg, progress=False)
+    source = trainer.data.source
+    everything = {k: jax.numpy.asarray(v) for k, v in collate([source.read(i) for i in range(len(source))]).items()}
+    c = trainer.step
+    loss = jax.jit(functools.partial(eval_loss, c.graphdef, c.template, objective=c.objective))
+
+    def fixed_draw_loss(lora) -> float:  # the same noise and t for the whole synthetic set, before and after
+        return float(np.mean([loss(trainer.frozen, lora, everything, jax.random.key(k)) for k in range(4)]))
+
+    before = fixed_draw_loss(state.lora)
+    result = trainer.run(state)
+    after = fixed_draw_loss(result.state.lora)
+    assert after < 0.92 * before, (before, after)
+
+    assert trainer.step.traces == 1 and len(trainer.step.executables) == 1  # 30 steps, one trace, one compile
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert {"loss", "grad_norm", "lr", "step_time", "samples_per_s", "tokens_per_s", "data_epoch"} <= set(records[-1])
+    first, last = np.mean([r["loss"] for r in records[:5]]), np.mean([r["loss"] for r in records[-5:]])
+    assert last < first, (first, last)  # the training loss falls too, through its per-step noise
+    assert records[-1]["data_epoch"] == 14 and records[-1]["data_position"] == 2  # 16 examples, batch 8
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 30]  # every 10, keep 2
+    assert result.step == 30 and result.checkpoint == tmp_path.absolute() / "checkpoints" / "30"
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    cfg = load_config(TINY, [f"output_dir={out}", *FAST, "train.steps=3", "mesh.data=1", "checkpoint.every=100"])
+    return out, train(cfg, devices=jax.devices()[:1], progress=False)
+
+
+@pytest.mark.slow
+def test_data2_fsdp4_matches_single_device(tmp_path, single_device_run):
+    _, single = single_device_run
+    cfg = config(tmp_path, "train.steps=3", "mesh.data=2", "mesh.fsdp=4", "checkpoint.every=100")
+    trainer, state = setup(cfg, progress=False)
+    # The base and the adapters really are FSDP-sharded: no device holds a whole embed-wide weight.
+    graphdef_kernel = trainer.frozen["double_blocks"]["img_attn"]["qkv"]["kernel"]
+    assert graphdef_kernel.get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert state.lora["double_blocks.img_attn.qkv.lora.lora_a"].sharding.spec == PartitionSpec(None, "fsdp")
+    sharded = trainer.run(state)
+    assert sharded.last_loss == pytest.approx(single.last_loss, abs=1e-5)
+    want, got = host_lora(single.state), host_lora(sharded.state)
+    assert not np.allclose(want["double_blocks.img_attn.qkv.lora.lora_b"], 0)  # three updates happened
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+def test_read_lora_weights_returns_the_trained_adapters(single_device_run):
+    run_dir, single = single_device_run
+    model, meta = read_lora_weights(run_dir)
+    _, lora_state, _ = split_trainable(model)
+    got = {k: np.asarray(v) for k, v in flat_params(lora_state).items()}
+    want = host_lora(single.state)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    # The base is abstract: export reads adapters only, never the base weights.
+    base_params = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, BASE_PARAMS))]
+    assert base_params and all(isinstance(x, jax.ShapeDtypeStruct) for x in base_params)
+    assert model.config == preset("tiny")
+    assert meta["step"] == 3 and (meta["rank"], meta["alpha"], meta["targets"]) == (4, 8.0, "all_blocks")
+    assert meta["guidance"] == 1.0 and meta["timestep_sampling"] == "flux_shift" and meta["steps"] == 3
+    assert meta["base"] == "random:tiny" and "synthetic" in meta["dataset"]
+    assert meta["config"]["lora"]["rank"] == 4 and meta["config"]["output_dir"] == str(run_dir)
+    again, _ = read_lora_weights(run_dir / "checkpoints" / "3")
+    np.testing.assert_array_equal(
+        np.asarray(again.double_blocks.img_attn.qkv.lora.lora_b[...]),
+        want["double_blocks.img_attn.qkv.lora.lora_b"],
+    )
+    with pytest.raises(CheckpointError, match="no checkpoint for step 2"):
+        read_lora_weights(run_dir, step=2)
+    with pytest.raises(CheckpointError, match="not a training run"):
+        read_lora_weights(run_dir / "tensorboard-nope")
+    with pytest.raises(CheckpointError, match="kept no EMA"):
+        read_lora_weights(run_dir, use_ema=True)
+
+
+def test_resume_refuses_a_changed_lora_before_building_anything(single_device_run):
+    run_dir, _ = single_device_run
+    cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST, "mesh.data=1", "lora.rank=8"])
+    with pytest.raises(CheckpointError, match=r"rank: checkpoint 4, now 8"):
+        setup(cfg, devices=jax.devices()[:1], progress=False)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg_model = preset("tiny")
+    source = synthetic_examples(in_channels=64, context_dim=cfg_model.context_in_dim, vec_dim=cfg_model.vec_in_dim,
+                                resolution=64)  # fmt: skip
+    # Poison one example of the second batch of the plan: step 1 is fine, step 2 sees NaN latents.
+    plan = BatchIterator(source, batch_size=8, seed=0).plan(0)
+    bad = plan[1][0]
+    examples = [source.read(i) for i in range(len(source))]
+    poisoned = examples[bad].latents.copy()
+    poisoned[0, 0] = np.nan
+    examples[bad] = Example(poisoned, examples[bad].t5, examples[bad].clip, 4, 4)
+    data = write_cached_examples(tmp_path / "data", examples)
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"output_dir={run}", *FAST, "mesh.data=1", "data.synthetic=false", f"data.path={data}",
+                             "checkpoint.every=1", "train.steps=4"])  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"loss is nan .* at step 2; stopping\. Last good checkpoint: "
+                                                    r"step 1"):  # fmt: skip
+        train(cfg, devices=jax.devices()[:1], progress=False)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [1]
+    model, meta = read_lora_weights(run)
+    assert meta["step"] == 1
+    assert all(np.isfinite(np.asarray(v)).all() for v in flat_params(split_trainable(model)[1]).values())
+
+
+def test_batch_that_cannot_be_split_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size / train.grad_accum = 4 samples per micro-batch cannot "
+                                          r"be split over mesh.data x mesh.fsdp = 8 devices"):  # fmt: skip
+        setup(config(tmp_path, "train.grad_accum=2"), progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_dataset_fails_before_the_model_is_built(tmp_path):
+    with pytest.raises(FluxJaxError, match="run `flux-jax cache` first"):
+        setup(config(tmp_path, "data.synthetic=false", f"data.path={tmp_path / 'nope'}"), progress=False)
+
+
+def test_guidance_warning_is_loud_for_dev_bases(caplog):
+    dev, schnell = preset("tiny"), preset("schnell")
+    with caplog.at_level(logging.WARNING):
+        assert warn_about_guidance(Objective(guidance=3.5), base="ckpt/Flux-Dev2Pro", config=dev)
+    assert "Flux-Dev2Pro base at guidance 3.5" in caplog.text and "!!!!" in caplog.text
+    assert warn_about_guidance(Objective(guidance_range=(1.0, 4.0)), base="x", config=dev)
+    assert not warn_about_guidance(Objective(guidance=1.0), base="ckpt/Flux-Dev2Pro", config=dev)
+    assert not warn_about_guidance(Objective(guidance=3.5), base="schnell", config=schnell)  # no guidance embedding
+
+
+@pytest.mark.slow
+def test_trains_a_loaded_base(tmp_path):
+    """model.base: a diffusers checkpoint is loaded (sharded, through flux_jax.load_flux) and trained on; the base
+    the step sees is the checkpoint's, bit for bit."""
+    from tests.torch_reference import diffusers_flux, tiny_config
+
+    ref = diffusers_flux(tiny_config(), seed=3)
+    ref.save_pretrained(tmp_path / "base")
+    cfg = config(tmp_path / "run", "model.preset=null", f"model.base={tmp_path / 'base'}", "mesh.data=1",
+                 "train.steps=2")  # fmt: skip
+    trainer, state = setup(cfg, devices=jax.devices()[:1], progress=False)
+    kernel = np.asarray(trainer.frozen["double_blocks"]["img_attn"]["proj"]["kernel"].get_value())
+    want = ref.transformer_blocks[1].attn.to_out[0].weight.detach().numpy().T
+    np.testing.assert_array_equal(kernel[1], want)
+    result = trainer.run(state)
+    assert result.step == 2 and np.isfinite(result.last_loss)
+    assert not np.allclose(np.asarray(result.state.lora["single_blocks.linear2.lora.lora_b"]), 0)
+    _, meta = read_lora_weights(tmp_path / "run")
+    assert meta["base"] == str(tmp_path / "base") and meta["base_config"]["hidden_size"] == 64

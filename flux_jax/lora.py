@@ -112,7 +112,7 @@ class LoRA(nnx.Module):
 
 def linear_modules(model: nnx.Module) -> Iterable[tuple[str, Linear]]:
     """(module path, Linear) for every Linear of the model, paths dotted BFL-style without block indices."""
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         if isinstance(module, Linear):
             yield ".".join(str(p) for p in path), module
 
@@ -209,7 +209,7 @@ def seed_dropout(model: nnx.Module, key: jax.Array) -> None:
 
 def set_lora_training(model: nnx.Module, training: bool) -> None:
     """Enable LoRA dropout (training) or disable it (evaluation / export)."""
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, LoRA):
             module.deterministic = not training
 

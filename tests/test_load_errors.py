@@ -71,7 +71,9 @@ def test_non_flux_config_rejected_by_name(tmp_path, good_dir):
 def test_non_flux_weights_rejected_by_name(tmp_path):
     vae = tmp_path / "vae.safetensors"
     save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(4, 3, 3, 3)}, vae)
-    with pytest.raises(CheckpointError, match=r"vae\.safetensors: not a Flux transformer checkpoint \(it looks like a VAE"):
+    with pytest.raises(
+        CheckpointError, match=r"vae\.safetensors: not a Flux transformer checkpoint \(it looks like a VAE"
+    ):
         load_flux(vae)
 
 
@@ -83,3 +85,31 @@ def test_missing_path(tmp_path):
 def test_good_dir_loads(good_dir):
     model = load_flux(good_dir)
     assert np.asarray(model.img_in.kernel[...]).shape == (64, 64)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "comfy"])
+def test_load_flux_applies_a_lora_file(tmp_path, good_dir, fmt):
+    """load_flux(base, lora=FILE, lora_scale=s) equals the base with the same adapters at strength s."""
+    import jax
+    from flax import nnx
+
+    from flux_jax.lora import apply_lora
+    from flux_jax.lora_io import lora_weights_from_model, write_lora_file
+    from tests.torch_reference import forward_inputs, jax_forward
+
+    model = load_flux(good_dir)
+    apply_lora(model, rank=3, alpha=5.0, rngs=nnx.Rngs(0))
+    for path, var in nnx.state(model, nnx.LoRAParam).flat_state():
+        if path[-1] == "lora_b":  # non-zero B, so the adapters change the output
+            var.set_value(jax.random.normal(jax.random.key(len(path)), var.get_value().shape) * 0.1)
+    lora_file = write_lora_file(
+        tmp_path / f"{fmt}.safetensors", lora_weights_from_model(model), fmt, config=model.config, dtype="fp32"
+    )
+    x = forward_inputs(model.config, batch=2, h=2, w=3, txt_len=3)
+    want = jax_forward(model, x)
+    got = jax_forward(load_flux(good_dir, lora=lora_file), x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    base = jax_forward(load_flux(good_dir), x)
+    assert np.abs(want - base).max() > 1e-3
+    off = jax_forward(load_flux(good_dir, lora=lora_file, lora_scale=0.0), x)
+    np.testing.assert_allclose(off, base, atol=1e-6, rtol=0)

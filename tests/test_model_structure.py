@@ -34,7 +34,13 @@ def test_dev_preset_abstract_param_count_and_shapes():
     assert len(bfl) == 780
     assert sum(math.prod(s) for s in bfl.values()) == DEV_PARAMS
     # Every Flax leaf is exactly the (transposed, stacked) BFL tensors of the real key list, and vice versa.
-    sources = flax_sources(cfg, {k: ArraySource(np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), s, [0] * len(s))) for k, s in bfl.items()})  # noqa: E501
+    sources = flax_sources(
+        cfg,
+        {
+            k: ArraySource(np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), s, [0] * len(s)))
+            for k, s in bfl.items()
+        },
+    )  # noqa: E501
     assert set(sources) == set(flat)
     for path, var in flat.items():
         assert tuple(sources[path].shape) == tuple(var.get_value().shape), path
@@ -50,7 +56,9 @@ def test_schnell_has_no_guidance_embedding():
     model = abstract_model(cfg)
     assert model.guidance_in is None
     assert not any(k.startswith("guidance_in") for k in flux_keys.bfl_shapes(cfg))
-    assert sum(math.prod(v.get_value().shape) for v in _flat(model).values()) == DEV_PARAMS - (256 * 3072 + 3072 + 3072 * 3072 + 3072)
+    assert sum(math.prod(v.get_value().shape) for v in _flat(model).values()) == DEV_PARAMS - (
+        256 * 3072 + 3072 + 3072 * 3072 + 3072
+    )
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank():
@@ -79,7 +87,9 @@ def test_scanned_model_compiles_once():
         forward(state, *(jnp.asarray(x[k]) for k in ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")))
     assert len(traces) == 1
     # The scan body holds one double and one single block, whatever the depth: the HLO does not grow with it.
-    deeper = Flux(preset("tiny").__class__(**{**preset("tiny").__dict__, "depth": 6, "depth_single_blocks": 9}), rngs=nnx.Rngs(0))
+    deeper = Flux(
+        preset("tiny").__class__(**{**preset("tiny").__dict__, "depth": 6, "depth_single_blocks": 9}), rngs=nnx.Rngs(0)
+    )
 
     def hlo_size(m):
         g, s = nnx.split(m)

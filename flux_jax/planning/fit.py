@@ -201,7 +201,7 @@ def format_report(p: Plan) -> str:
         f"mesh       {mesh}",
         f"batch      {p.batch_size} global ({p.per_chip_batch:g} per chip) in {p.grad_accum} micro-batch(es), "
         f"{p.resolution} px ({(p.resolution // 16) ** 2} image + {p.text_len} text tokens)",
-        f"compiled   in {p.compile_seconds:.0f} s",
+        f"compile    {p.compile_seconds:.0f} s",
         "",
         "per-chip HBM",
     ]

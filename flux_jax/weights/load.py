@@ -116,8 +116,10 @@ def load_flux(
     rules: Rules = DEFAULT_RULES,
     attention: str = "xla",
     remat: str = "none",
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
 ) -> Flux:
-    """Load a Flux transformer.
+    """Load a Flux transformer, optionally with a LoRA file applied as adapters.
 
     path: a diffusers transformer directory (config.json + sharded or single safetensors), a diffusers single
       file, a BFL single file (incl. ComfyUI's `model.diffusion_model.` prefix; fp32 / bf16 / fp16 / fp8 /
@@ -125,13 +127,21 @@ def load_flux(
     dtype: parameter storage dtype (fp32, bf16, fp16, or float8_e4m3fn for a frozen base's kernels).
     compute_dtype: activation dtype; defaults to dtype (bf16 when dtype is fp8).
     mesh / rules: where parameters go; each device shard is read straight from the file. Default: one device.
+    lora / lora_scale: a LoRA file in any supported format (kohya, kohya split_qkv, diffusers/PEFT, ComfyUI,
+      XLabs); it is attached as adapters (not merged), its strength multiplied by lora_scale. Keys that match no
+      Flux layer are an error listing them.
     """
     if compute_dtype is None:
         compute_dtype = jnp.bfloat16 if np.dtype(dtype) == np.dtype(FP8) else dtype
     with open_checkpoint(path, config=config) as ckpt:
-        return load_from_checkpoint(
+        model = load_from_checkpoint(
             ckpt, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, attention=attention, remat=remat
         )
+    if lora is not None:
+        from flux_jax.lora_io import apply_lora_file
+
+        apply_lora_file(model, lora, scale=lora_scale, mesh=mesh, rules=rules)
+    return model
 
 
 def load_from_checkpoint(ckpt: FluxCheckpoint, *, dtype, compute_dtype, mesh, rules, attention="xla", remat="none"):

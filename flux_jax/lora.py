@@ -74,7 +74,7 @@ class LoRA(nnx.Module):
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         lead = (stack,) if stack else ()
         lead_axes = ("layers",) if stack else ()
-        # kohya / PEFT init: kaiming-uniform(a=sqrt(5)) on A, i.e. U(+-1/sqrt(in)); B = 0 so training starts at the base.
+        # kohya / PEFT init: kaiming-uniform(a=sqrt(5)) on A = U(+-1/sqrt(in)); B = 0, so training starts at the base.
         bound = 1.0 / math.sqrt(in_features)
         self.lora_a = nnx.LoRAParam(
             jax.random.uniform(rngs.params(), (*lead, in_features, rank), param_dtype, -bound, bound),

@@ -4,7 +4,8 @@ A single-process run (one CPU, one GPU, one TPU VM host) must not call it. A mul
 Slurm or multi-node GPU job) must call it on every process before any other JAX call. The choice is explicit:
 ``flux-jax train --distributed``, or ``FLUX_JAX_DISTRIBUTED=1`` in the environment (handy for `gcloud ... ssh
 --worker=all` launch scripts). JAX then discovers the coordinator from the TPU metadata / Slurm / the standard
-``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` variables.
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` variables (JAX itself reads only the
+first; the other two are read here and passed on, so a plain localhost / hand-launched job works too).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ def initialize(flag: bool = False) -> bool:
     """Initialise jax.distributed when asked for; returns whether it did."""
     if not wants_distributed(flag):
         return False
-    jax.distributed.initialize()
+    num_processes = os.environ.get("JAX_NUM_PROCESSES", "").strip()
+    process_id = os.environ.get("JAX_PROCESS_ID", "").strip()
+    jax.distributed.initialize(
+        num_processes=int(num_processes) if num_processes else None,
+        process_id=int(process_id) if process_id else None,
+    )
     log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),

@@ -323,7 +323,8 @@ def test_demo_config_caches_the_demo_photos(tmp_path: Path) -> None:
     from flux_jax.run_config import load_config
 
     cfg = load_config(
-        REPO / "demo" / "config.yaml", [f"data.path={REPO / 'demo' / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"]
+        REPO / "configs" / "demo.yaml",
+        [f"data.path={REPO / 'demo' / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"],
     )
     summary = build_cache(cfg, progress=False)
     assert summary.records == 8 and summary.report.num_skipped == 0

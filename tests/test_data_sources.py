@@ -157,7 +157,7 @@ def test_demo_photos_and_config() -> None:
     from flux_jax.run_config import load_config
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "demo" / "config.yaml", [f"data.path={repo / 'demo' / 'photos'}"])
+    cfg = load_config(repo / "configs" / "demo.yaml", [f"data.path={repo / 'demo' / 'photos'}"])
     cfg.validate_for_training()
     spec = BucketSpec.from_config(cfg.data)
     items, report = scan(open_source(cfg.data), cfg.data, spec)

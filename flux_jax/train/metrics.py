@@ -31,6 +31,7 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("TPU v5 lite", 197e12),
     ("TPU v5e", 197e12),
     ("TPU v4", 275e12),
+    ("TPU v5", 459e12),  # v5p devices report their kind as plain "TPU v5"; matched last, after "v5 lite"
 )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ import numpy as np
 from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
 from flux_jax.data.images import DataError
+from flux_jax.train.data import Example as CachedExample  # one example type for both data sources
 from flux_jax.weights.safetensors_file import SafetensorsFile
 
 
@@ -73,19 +73,3 @@ class LatentCacheReader:
 
     def describe(self) -> str:
         return f"latent cache {self.path} ({len(self)} records, buckets {', '.join(map(str, self.buckets))})"
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedExample:
-    """Field-compatible with `flux_jax.train.data.Example`."""
-
-    latents: np.ndarray
-    t5: np.ndarray
-    clip: np.ndarray
-    height: int
-    width: int
-    caption: str = ""
-
-    @property
-    def bucket(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.t5.shape[0])

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec
 
 from flux_jax.errors import CheckpointError, FluxJaxError
@@ -23,6 +22,7 @@ from flux_jax.train.build import BASE_PARAMS, flat_params, split_trainable
 from flux_jax.train.data import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.step import eval_loss
+from tests.compile_cache import persistent_compile_cache
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FAST = ["log.tensorboard=false", "checkpoint.async_save=false"]
@@ -34,17 +34,8 @@ def _compile_cache(tmp_path_factory):
     built several times; the subprocess runs of test_train_resume.py read the same cache)."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.getbasetemp() / "train-xla-cache"))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
+        yield
 
 
 def config(tmp_path: Path, *overrides: str):

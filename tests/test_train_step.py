@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from flux_jax.lora import apply_lora, set_lora_training
 from flux_jax.model.layers import Linear
@@ -18,6 +17,7 @@ from flux_jax.train import build
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import abstract_like, init_train_state
 from flux_jax.train.step import StepCompiler, eval_loss, memory_summary
+from tests.compile_cache import persistent_compile_cache
 
 C = 8  # latent channels = text width
 
@@ -25,17 +25,8 @@ C = 8  # latent channels = text width
 @pytest.fixture(scope="module", autouse=True)
 def _compile_cache(tmp_path_factory):
     """The tests below build the same toy step again and again: compile it once."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")  # fmt: skip
-    saved = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.getbasetemp() / "train-xla-cache"))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], 0)
-    compilation_cache.reset_cache()
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
+        yield
 
 
 class Toy(nnx.Module):

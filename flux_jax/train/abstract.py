@@ -21,12 +21,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from flux_jax.model import FluxConfig
 from flux_jax.optim import build_optimizer
-from flux_jax.run_config import ConfigError, RunConfig
+from flux_jax.run_config import RunConfig
 from flux_jax.sharding import Rules, state_shardings, use_mesh
 from flux_jax.train import build
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import TrainState, abstract_like, replicated
-from flux_jax.train.step import StepCompiler
+from flux_jax.train.step import StepCompiler, check_batch_split
 
 # What the data pipeline caches (flux_jax.train.data; `flux-jax cache` stores bf16): latents, T5 states and the
 # pooled CLIP vector in bf16; BatchIterator adds image position ids in fp32.
@@ -65,18 +65,6 @@ class AbstractStep:
         """Lower and compile the train step for ``batch`` (the trainer's first call does exactly this)."""
         with use_mesh(self.mesh, self.rules):
             return self.compiler.compile(self.state, batch)
-
-
-def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh) -> None:
-    """The trainer's rule (``loop.setup``): a micro-batch's rows are split over mesh.data x mesh.fsdp."""
-    rows = batch_size // grad_accum
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows % split:
-        raise ConfigError(
-            f"train.batch_size / train.grad_accum = {rows} samples per micro-batch cannot be split over "
-            f"mesh.data x mesh.fsdp = {split} devices; make it a multiple of {split}",
-            key="train.batch_size",
-        )
 
 
 def _sds(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:

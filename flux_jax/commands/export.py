@@ -7,6 +7,7 @@ import argparse
 import pathlib
 
 from flux_jax.errors import FluxJaxError
+from flux_jax.storage import is_remote
 
 HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a base checkpoint"
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from flux_jax.lora_io.import_ import read_lora_file
     from flux_jax.lora_io.merge import merge_lora
 
-    src = pathlib.Path(args.src)
+    src = args.src  # a path, or a run directory in a bucket (gs://)
     if args.merge_into is None:
         if args.format is None:
             raise FluxJaxError("--format is required (kohya, diffusers or comfy) unless --merge-into is given")
@@ -45,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.format is not None:
         raise FluxJaxError("--format does not apply to --merge-into (the output is a checkpoint; see --layout)")
-    if src.is_file():
+    if not is_remote(src) and pathlib.Path(src).is_file():
         from flux_jax.weights.checkpoint import open_checkpoint
 
         with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes the LoRA's shapes
             config = base.config
-        weights = read_lora_file(src, config).weights
+        weights = read_lora_file(pathlib.Path(src), config).weights
     else:
         weights = read_run(src, args.step, args.ema)[0]
     out = merge_lora(

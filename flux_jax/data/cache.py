@@ -55,6 +55,8 @@ from flux_jax.data.images import (
 )
 from flux_jax.data.sources import Source, open_source
 from flux_jax.errors import FluxJaxError
+from flux_jax.run_config import ConfigError
+from flux_jax.storage import is_remote
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,12 @@ def resolve_cache_dir(cfg: Any) -> Path:
     path = Path(data.path)
     if data.source == "folder" or path.is_dir():
         return path.parent / f"{path.name}_cache"
+    if is_remote(cfg.output_dir):
+        raise ConfigError(
+            f"output_dir {cfg.output_dir} is a bucket, but the latent cache is read from a local disk; set "
+            "data.cache_dir to a local path (on a pod: the same path on every host)",
+            key="data.cache_dir",
+        )
     return Path(cfg.output_dir) / "cache"
 
 

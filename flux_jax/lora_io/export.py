@@ -25,6 +25,7 @@ from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
 from flux_jax.lora_io.import_ import META_METADATA_KEY, config_metadata, read_lora_file
 from flux_jax.lora_io.weights import LoraWeights, most_common, parse_module, validate
 from flux_jax.model.config import FluxConfig
+from flux_jax.storage import is_remote, run_path
 from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
 from flux_jax.weights.safetensors_file import write_safetensors
 
@@ -186,20 +187,23 @@ def export_lora(
     defaults to bf16 for a run and to the source's for a file.
     """
     _check_format(format)
-    src = pathlib.Path(src)
-    if src.is_file():
+    if not is_remote(src) and pathlib.Path(src).is_file():
+        src = pathlib.Path(src)
         if step is not None or ema:
             raise FluxJaxError(f"{src}: --step / --ema apply to a training run directory, not to a LoRA file")
         return convert_lora_file(src, dst, format, dtype=dtype, force=force)
     dst = pathlib.Path(dst)
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
-    weights, config, meta = read_run(src, step, ema)
+    weights, config, meta = read_run(run_path(src), step, ema)
     return write_lora_file(dst, weights, format, config=config, dtype=dtype or "bf16", meta=meta, force=force)
 
 
-def read_run(src: pathlib.Path, step: int | None, ema: bool = False) -> tuple[dict[str, LoraWeights], FluxConfig, dict]:
-    """The LoRA of a run or checkpoint directory, through the trainer's checkpoint reader."""
+def read_run(
+    src: str | os.PathLike, step: int | None, ema: bool = False
+) -> tuple[dict[str, LoraWeights], FluxConfig, dict]:
+    """The LoRA of a run or checkpoint directory (local or gs://), through the trainer's checkpoint reader."""
+    src = run_path(src)
     if not src.is_dir():
         raise FluxJaxError(f"{src}: no such training run, checkpoint directory or LoRA file")
     try:

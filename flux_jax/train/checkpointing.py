@@ -18,16 +18,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from flux_jax.errors import CheckpointError
 from flux_jax.model import Flux, FluxConfig
 from flux_jax.run_config import RunConfig, from_dict
+from flux_jax.storage import run_path
 from flux_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class Checkpointer:
         ema: bool = False,
         read_only: bool = False,
     ):
-        self.directory = pathlib.Path(run_dir).absolute() / CHECKPOINT_DIR
+        self.directory = run_path(run_dir) / CHECKPOINT_DIR  # a local path or a bucket URL (gs://)
         self.ema = ema
         self.items = ("lora", "train", "data", "meta") + (("ema",) if ema else ())
         options = ocp.CheckpointManagerOptions(
@@ -197,7 +198,7 @@ def check_resume_compatible(saved: dict, current: dict, where: str) -> None:
 # Reading a run's LoRA back (the export side's entry point)
 
 
-def _locate(path: pathlib.Path, step: int | None) -> tuple[pathlib.Path, int | None]:
+def _locate(path: epath.Path, step: int | None) -> tuple[epath.Path, int | None]:
     """(checkpoints dir, step or None for latest) from a run dir, a checkpoints dir or a checkpoints/<step> dir."""
     if (path / CHECKPOINT_DIR).is_dir():
         return path / CHECKPOINT_DIR, step
@@ -217,7 +218,8 @@ def read_lora_weights(
 ) -> tuple[Flux, dict[str, Any]]:
     """A run's trained LoRA as a Flux model with adapters, plus the run's meta.
 
-    path: a run directory (``output_dir``), its ``checkpoints/`` directory, or one ``checkpoints/<step>`` directory.
+    path: a run directory (``output_dir``), its ``checkpoints/`` directory, or one ``checkpoints/<step>`` directory;
+    local or in a bucket (gs://).
     step: which checkpoint (default: the latest complete one).
     use_ema: load the EMA weights instead (only for runs with optim.ema_decay set).
 
@@ -230,8 +232,7 @@ def read_lora_weights(
     from flux_jax.lora import set_lora_training
     from flux_jax.train.build import attach_lora, flat_params, random_flux, split_trainable, unflatten
 
-    path = pathlib.Path(path)
-    ckpt_dir, step = _locate(path, step)
+    ckpt_dir, step = _locate(run_path(path), step)
     reader = Checkpointer(ckpt_dir.parent, read_only=True, ema=use_ema)
     try:
         if step is None:

@@ -20,14 +20,15 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 import optax
+from etils import epath
 from tqdm import tqdm
 
-from flux_jax.atomic import atomic_file
 from flux_jax.errors import FluxJaxError
 from flux_jax.model import FluxConfig
 from flux_jax.optim import build_optimizer, build_schedule
 from flux_jax.run_config import ConfigError, RunConfig
 from flux_jax.sharding import make_mesh, use_mesh
+from flux_jax.storage import run_path, write_text
 from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
 from flux_jax.train.data import (
@@ -63,10 +64,11 @@ class TrainingDivergedError(FluxJaxError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-    run_dir: pathlib.Path
+    run_dir: epath.Path
+    """output_dir: a local path or a bucket URL."""
     step: int
     """Optimizer updates done."""
-    checkpoint: pathlib.Path | None
+    checkpoint: epath.Path | None
     """The latest complete checkpoint directory (what export reads)."""
     preempted: bool
     last_loss: float | None
@@ -207,6 +209,7 @@ class Trainer:
                         self._complete(*pending)
                         pending = None
                         self.checkpointer.save(state, data_state=data_state, meta=self.meta)
+                        self.metrics.sync()  # a bucket run dir gets its logs at each checkpoint
                     if stop:
                         preempted = True
                         log.warning("stopped at step %d on request; checkpoint saved, exiting cleanly", step)
@@ -286,7 +289,7 @@ def setup(
     mesh = make_mesh(*cfg.mesh.shape, devices=devices)
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
-    run_dir = pathlib.Path(cfg.output_dir)
+    run_dir = run_path(cfg.output_dir)
     seed = cfg.train.seed
     ema = cfg.optim.ema_decay is not None
     # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
@@ -330,9 +333,7 @@ def setup(
     )
     is_main = jax.process_index() == 0
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(run_dir / "config.yaml") as tmp:
-            tmp.write_text(cfg.to_yaml())
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
     metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
     trainer = Trainer(
         step=compiler,

@@ -12,13 +12,18 @@ import json
 import logging
 import os
 import pathlib
+import tempfile
 from collections.abc import Mapping
 
 import jax
 
 from flux_jax.model import FluxConfig
+from flux_jax.storage import is_remote, run_path, upload, write_text
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 # Dense bf16 peak FLOP/s per device (what MFU is measured against), by substrings of `device_kind`.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -61,23 +66,37 @@ class MetricsWriter:
 
     Only process 0 writes. On resume, records past the resumed step (written after the last checkpoint of a
     run that was killed) are dropped first, so the file holds each step once.
+
+    A run directory in a bucket (gs://) cannot be appended to: the files are then written in a local staging
+    directory and uploaded whole by :meth:`sync` (the trainer calls it at every checkpoint) and at close. A
+    resumed remote run starts from the bucket's metrics.jsonl, so a new VM continues the same file.
     """
 
     def __init__(
         self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0, enabled: bool = True
     ):
         self.enabled = enabled
-        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self.run_dir = run_path(run_dir)
+        self.remote = is_remote(self.run_dir)
         self._tb = None
+        self._staging: tempfile.TemporaryDirectory | None = None
+        if self.remote:
+            self._staging = tempfile.TemporaryDirectory(prefix="flux_jax_logs_")
+            self.local_dir = pathlib.Path(self._staging.name)
+        else:
+            self.local_dir = pathlib.Path(os.fspath(self.run_dir))
+        self.path = self.local_dir / METRICS_FILE
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        if self.remote and (self.run_dir / METRICS_FILE).exists():
+            self.path.write_text((self.run_dir / METRICS_FILE).read_text())
         self._truncate_after(resume_step)
         self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -104,9 +123,25 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(f"train/{k}", v, step)
 
+    def sync(self) -> None:
+        """Upload the staged files of a remote run directory (a no-op for a local one)."""
+        if not (self.enabled and self.remote):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        write_text(self.run_dir / METRICS_FILE, self.path.read_text())
+        if (self.local_dir / TENSORBOARD_DIR).is_dir():
+            upload(self.local_dir / TENSORBOARD_DIR, self.run_dir / TENSORBOARD_DIR)
+
     def close(self) -> None:
         if not self.enabled:
             return
         self._file.close()
         if self._tb is not None:
-            self._tb.close()
+            self._tb.close()  # flushes
+            self._tb = None
+        try:
+            self.sync()
+        finally:
+            if self._staging is not None:
+                self._staging.cleanup()

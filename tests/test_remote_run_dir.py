@@ -1,0 +1,147 @@
+"""A run directory in a bucket: `output_dir=gs://...` trains, checkpoints, resumes and exports through GCS.
+
+No network here, so the bucket is an in-memory GCS JSON API on localhost (tests/fake_gcs.py); orbax's tensorstore
+(TENSORSTORE_GCS_HTTP_URL) and epath's gcsfs backend (STORAGE_EMULATOR_HOST) both talk to it. The code under test
+is the real gs:// path of orbax, epath and flux_jax: only the server is local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+BUCKET = "flux-jax-test"
+ARGS = ["checkpoint.every=2", "mesh.data=2", "mesh.fsdp=4", "--no-progress"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs() -> str:
+    """The emulator's URL, with an empty bucket BUCKET."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_gcs.py"), str(port), BUCKET],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the fake GCS server did not start") from None
+            time.sleep(0.1)
+    yield f"http://localhost:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def env(gcs, tmp_path_factory) -> dict[str, str]:
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision or "default"),
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "remote-xla-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        # epath: gcsfs (it honours STORAGE_EMULATOR_HOST) instead of TensorFlow's gfile.
+        EPATH_USE_TF="false",
+        STORAGE_EMULATOR_HOST=gcs,
+        TENSORSTORE_GCS_HTTP_URL=gcs,
+        GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
+        GOOGLE_CLOUD_PROJECT="test",
+    )
+
+
+def train(out: str, steps: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flux_jax.cli", "train", "--config", str(TINY), f"output_dir={out}",
+           f"train.steps={steps}", *ARGS]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+# Run in a child with the emulator's environment: reads a run's LoRA, metrics and file list as JSON.
+READ_RUN = """
+import json, sys
+import numpy as np
+from etils import epath
+from flux_jax.train import read_lora_weights
+from flux_jax.train.build import flat_params, split_trainable
+
+run = sys.argv[1]
+model, meta = read_lora_weights(run)
+lora = {k: np.asarray(v).tolist() for k, v in flat_params(split_trainable(model)[1]).items()}
+root = epath.Path(run)
+files = sorted(str(p.relative_to(root)) for d in (root, root / "tensorboard") if d.exists() for p in d.iterdir())
+metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+print(json.dumps({"step": meta["step"], "lora": lora, "files": files, "metrics": metrics}))
+"""
+
+
+def read_run(run: str, env: dict[str, str]) -> dict:
+    done = subprocess.run([sys.executable, "-c", READ_RUN, run], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_gs_run_dir_trains_resumes_and_exports_like_a_local_one(tmp_path, env):
+    train(str(tmp_path / "local"), 6, env)
+    local = read_run(str(tmp_path / "local"), env)
+
+    run = f"gs://{BUCKET}/runs/tiny"
+    train(run, 4, env)
+    first = read_run(run, env)
+    assert first["step"] == 4
+    assert {"config.yaml", "metrics.jsonl", "checkpoints"} <= set(first["files"])
+    assert any(name.startswith("tensorboard/events.out.tfevents") for name in first["files"])
+    assert [r["step"] for r in first["metrics"]] == [1, 2, 3, 4]
+
+    # A new process (a new VM after preemption) finds the bucket's checkpoint and continues the same files.
+    done = train(run, 6, env)
+    assert re.search(rf"resuming from gs://{BUCKET}/runs/tiny/checkpoints/4 \(step 4", done.stderr), done.stderr
+    got = read_run(run, env)
+    assert got["step"] == 6
+    assert [r["step"] for r in got["metrics"]] == list(range(1, 7))
+    for g, w in zip(got["metrics"], local["metrics"], strict=True):
+        assert (g["loss"], g["data_position"]) == (w["loss"], w["data_position"]), g["step"]
+    assert got["lora"].keys() == local["lora"].keys()
+    for k, w in local["lora"].items():
+        np.testing.assert_array_equal(np.asarray(got["lora"][k]), np.asarray(w), err_msg=k)  # bit-exact
+
+    exported = {}
+    for name, src in (("gs", run), ("local", str(tmp_path / "local"))):
+        exported[name] = tmp_path / f"lora-{name}.safetensors"
+        cmd = [sys.executable, "-m", "flux_jax.cli", "export", src, str(exported[name]), "--format", "kohya",
+               "--dtype", "fp32"]  # fmt: skip
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    want, have = load_file(exported["local"]), load_file(exported["gs"])
+    assert want.keys() == have.keys()
+    for k in want:
+        np.testing.assert_array_equal(have[k], want[k], err_msg=k)

@@ -19,7 +19,7 @@ from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import build_cache
 from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.data.images import GRAYSCALE, DataError
-from flux_jax.run_config import RunConfig, from_dict
+from flux_jax.run_config import ConfigError, RunConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("latents", "t5", "clip", "height", "width", "bucket", "group", "repeats", "flipped", "caption", "source")
@@ -387,3 +387,16 @@ def test_two_hosts_build_the_same_cache(workspace: dict[str, Path], reference: P
         assert p.returncode == 0, out[-3000:]
         assert "RECORDS 2 8 24 24" in out, out[-3000:]
     assert_same_records(records(cache_dir), records(reference))
+
+
+def test_cache_dir_defaults_and_a_bucket_output_dir_needs_an_explicit_local_one(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cfg = from_dict({"data": {"path": str(folder), "source": "folder"}, "output_dir": "gs://bucket/run"})
+    assert cache_mod.resolve_cache_dir(cfg) == tmp_path / "images_cache"  # beside the images, wherever the run goes
+    named = from_dict({"data": {"path": "my_tfds_dataset", "source": "tfds"}, "output_dir": str(tmp_path / "run")})
+    assert cache_mod.resolve_cache_dir(named) == tmp_path / "run" / "cache"
+    remote = from_dict({"data": {"path": "my_tfds_dataset", "source": "tfds"}, "output_dir": "gs://bucket/run"})
+    with pytest.raises(ConfigError, match="data.cache_dir") as err:
+        cache_mod.resolve_cache_dir(remote)
+    assert err.value.key == "data.cache_dir"

@@ -445,13 +445,13 @@ def test_file_reads_release_their_pages(tmp_path):
     smaps = pathlib.Path("/proc/self/smaps")
     if not smaps.exists():
         pytest.skip("needs /proc/self/smaps")
-    from flux_jax.weights.checkpoint import FileTensor, _FileMap
+    from flux_jax.weights.checkpoint import FileTensor
     from flux_jax.weights.safetensors_file import SafetensorsFile
 
     path = tmp_path / "big.safetensors"
     save_file({"w": torch.ones(4096, 4096)}, str(path))  # 64 MiB
     f = SafetensorsFile(path)
-    tensor = FileTensor(_FileMap(f), f.info("w"))
+    tensor = FileTensor(f, f.info("w"))
     data = tensor.read((slice(0, 4096), slice(0, 4096)))
     assert data.sum() == 4096 * 4096
     rss_kb = 0

@@ -19,11 +19,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import mmap
 import os
 import pathlib
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Literal, Protocol
 
@@ -80,65 +78,11 @@ class FluxCheckpoint:
         self.close()
 
 
-_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-
-
-class _FileMap:
-    """One lazily created read-only memory map of a safetensors file, shared by all its `FileTensor`s."""
-
-    def __init__(self, file: SafetensorsFile):
-        self.path = file.path
-        self.min_size = max((t.end for t in file.tensors.values()), default=0)
-        self._mmap: mmap.mmap | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def map(self) -> mmap.mmap:
-        with self._lock:
-            if self._closed:
-                raise ValueError(f"{self.path}: checkpoint is closed")
-            if self._mmap is None:
-                try:
-                    with open(self.path, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        # Pages past EOF of a file shortened after its header was checked would SIGBUS on access.
-                        if size < self.min_size:
-                            raise CheckpointError(f"{self.path}: file shrank to {size} bytes after it was opened")
-                        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except OSError as e:
-                    raise CheckpointError(f"{self.path}: cannot memory-map: {e}") from e
-            return self._mmap
-
-    def release(self, start: int, end: int) -> None:
-        """Drop our mapping of the pages of [start, end): they leave the resident set, the page cache keeps them.
-
-        Safe at any time on a shared read-only file map: a later access just faults the page in again.
-        """
-        mm = self._mmap
-        if mm is None or end <= start or _DONTNEED is None:
-            return
-        lo = start - start % mmap.PAGESIZE
-        try:
-            mm.madvise(_DONTNEED, lo, end - lo)
-        except (OSError, ValueError):
-            pass  # an optimisation only
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._mmap is not None:
-                try:
-                    self._mmap.close()
-                except BufferError:
-                    pass  # a view still exists; unmapped once it is garbage collected
-                self._mmap = None
-
-
 class FileTensor:
     """A tensor of a safetensors file whose reads are copies, with the touched pages released after each read."""
 
-    def __init__(self, fmap: _FileMap, info: TensorInfo):
-        self.fmap, self.info = fmap, info
+    def __init__(self, file: SafetensorsFile, info: TensorInfo):
+        self.file, self.info = file, info
         self.shape = tuple(info.shape)
         self.dtype = info.dtype
 
@@ -148,24 +92,23 @@ class FileTensor:
 
         For converters that cast straight out of the map (one copy fewer than `read`); the view must not escape.
         """
-        info = self.info
-        view = np.frombuffer(self.fmap.map(), dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
+        view = self.file.array(self.info.name)
         try:
-            yield view.reshape(info.shape)
+            yield view
         finally:
             del view
-            self.fmap.release(info.start, info.end)
+            self.file.release(self.info.start, self.info.end)
 
     def read(self, index: Index) -> np.ndarray:
         info = self.info
-        flat = np.frombuffer(self.fmap.map(), dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
-        out = np.array(flat.reshape(info.shape)[index], copy=True)
-        del flat
+        view = self.file.array(info.name)
+        out = np.array(view[index], copy=True)
+        del view
         if self.shape and self.shape[0]:
             row = info.nbytes // self.shape[0]
-            self.fmap.release(info.start + index[0].start * row, info.start + index[0].stop * row)
+            self.file.release(info.start + index[0].start * row, info.start + index[0].stop * row)
         else:
-            self.fmap.release(info.start, info.end)
+            self.file.release(info.start, info.end)
         return out
 
 
@@ -323,7 +266,6 @@ def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None
     if flax_checkpoint.is_flax_checkpoint(path):
         return flax_checkpoint.open_flax_checkpoint(path, config=config)
     files: list[SafetensorsFile] = []
-    maps: list[_FileMap] = []
     try:
         metadata: dict[str, str] = {}
         if path.is_dir():
@@ -348,10 +290,8 @@ def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None
             metadata = files[0].metadata
         found = _collect(files, weight_map)
         layout, prefix = detect_layout(list(found), str(path))
-        maps = [_FileMap(f) for f in files]
-        map_of = {id(f): m for f, m in zip(files, maps, strict=True)}
         found = {k[len(prefix) :]: v for k, v in found.items() if k.startswith(prefix)}
-        raw = {k: FileTensor(map_of[id(f)], f.info(name)) for k, (f, name) in found.items()}
+        raw = {k: FileTensor(f, f.info(name)) for k, (f, name) in found.items()}
         stored = _dominant_dtype(raw.values())
         deq = dequantize(raw, metadata, str(path), prefix)
         shapes = {k: tuple(src.shape) for k, src in deq.tensors.items()}
@@ -364,9 +304,9 @@ def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None
                 config = _infer_from_diffusers(shapes, str(path), metadata)
             validate_keys(str(path), shapes, flux_keys.diffusers_shapes(config))
             tensors = bfl_from_diffusers(config, deq.tensors)
-        return FluxCheckpoint(path, layout, config, tensors, [*maps, *files], stored, deq.scaled_layers)
+        return FluxCheckpoint(path, layout, config, tensors, list(files), stored, deq.scaled_layers)
     except BaseException:
-        for f in [*maps, *files]:
+        for f in files:
             f.close()
         raise
 

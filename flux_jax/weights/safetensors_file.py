@@ -36,6 +36,7 @@ from flux_jax.errors import CheckpointError
 # Same limit as the official Rust implementation; a larger value is a corrupt length prefix, not a header.
 MAX_HEADER_BYTES = 100_000_000
 
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux; elsewhere release() does nothing
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -286,6 +287,19 @@ class SafetensorsFile:
         info = self.info(name)
         flat = np.frombuffer(self._map(), dtype=info.dtype, count=math.prod(info.shape), offset=info.start)
         return flat.reshape(info.shape)
+
+    def release(self, start: int, end: int) -> None:
+        """Drop this process's mapping of the file's bytes [start, end) (absolute offsets, as in TensorInfo): the
+        pages leave the resident set and stay in the page cache, so streaming a file larger than RAM keeps the
+        process small. Safe at any time on a read-only map: a later access faults the pages in again."""
+        mm = self._mmap
+        if mm is None or end <= start or _DONTNEED is None:
+            return
+        lo = start - start % mmap.PAGESIZE
+        try:
+            mm.madvise(_DONTNEED, lo, end - lo)
+        except (OSError, ValueError):
+            pass  # an optimisation only
 
     def close(self) -> None:
         """Release the map; views handed out earlier keep it alive until they are garbage collected."""

@@ -8,7 +8,6 @@ is the real gs:// path of orbax, epath and flux_jax: only the server is local.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -16,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from tests.compile_cache import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -61,14 +61,8 @@ def gcs() -> str:
 
 @pytest.fixture(scope="module")
 def env(gcs, tmp_path_factory) -> dict[str, str]:
-    return dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision or "default"),
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "remote-xla-cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    return child_env(
+        tmp_path_factory.getbasetemp() / "train-xla-cache",  # shared with test_train_resume.py's children
         # epath: gcsfs (it honours STORAGE_EMULATOR_HOST) instead of TensorFlow's gfile.
         EPATH_USE_TF="false",
         STORAGE_EMULATOR_HOST=gcs,

@@ -4,7 +4,6 @@ LoRA of an uninterrupted run (bit for bit on CPU), continuing at the right step 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 from flux_jax.train import read_lora_weights
 from flux_jax.train.build import flat_params, split_trainable
+from tests.compile_cache import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -33,16 +33,7 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory) -> dict[str, str]:
     """The children share a compilation cache with each other and with test_train_loop.py's in-process runs (same
     devices, mesh and matmul precision give the same programs): only the first run of the session compiles."""
-    return dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision or "default"),
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "train-xla-cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    return child_env(tmp_path_factory.getbasetemp() / "train-xla-cache")
 
 
 def command(out: Path) -> list[str]:

@@ -69,7 +69,8 @@ class LoraConfig:
     """Restrict adapters to these block indices; None = every block."""
     dropout: float = 0.0
     init_from: str | None = None
-    """An existing LoRA file to start from (any supported layout)."""
+    """Start from an existing LoRA instead of (random A, zero B): a LoRA file in any supported format, or a training
+    run directory (its latest checkpoint). Its rank must equal ``rank``; ignored when the run resumes."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the trainable adapter weights (fp32 keeps small updates from rounding away)."""
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _ENTRY_BY_MODEL_PATH = {".".join(str(p) for p in e.flax_path): e for e in LINEAR_ENTRIES}
 
 
-def _host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     """A LoRA array on this host as float32 (gathered across hosts when it is sharded over several)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -50,11 +50,11 @@ def lora_weights_from_model(model: nnx.Module) -> dict[str, LoraWeights]:
         if entry is None:
             raise ValueError(f"adapter on {path}, which the Flux key table does not know")
         adapter = linear.lora
-        a, b = _host(adapter.lora_a[...]), _host(adapter.lora_b[...])
+        a, b = to_host(adapter.lora_a[...]), to_host(adapter.lora_b[...])
         if entry.stack is None:
             out[entry.bfl] = LoraWeights(a.T, b.T, adapter.alpha)
             continue
-        mask = _host(adapter.mask[...]) if adapter.mask is not None else np.ones(a.shape[0], np.float32)
+        mask = to_host(adapter.mask[...]) if adapter.mask is not None else np.ones(a.shape[0], np.float32)
         for i, m in enumerate(mask):
             if m != 0:
                 out[flux_keys.fill(entry.bfl, i)] = LoraWeights(a[i].T, b[i].T, adapter.alpha * float(m))

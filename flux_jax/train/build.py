@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from flux_jax.lora import LoRADropoutKey, LoRAMask, apply_lora, set_lora_training
 from flux_jax.model import Flux, FluxConfig, preset
-from flux_jax.run_config import ConfigError, LoraConfig, ModelConfig
+from flux_jax.run_config import LoraConfig, ModelConfig
 from flux_jax.sharding import Rules, state_shardings
 from flux_jax.weights.load import storage_dtype
 
@@ -64,9 +64,9 @@ def random_base(
 
 
 def attach_lora(model: Flux, lora_cfg: LoraConfig, *, seed: int) -> list[str]:
-    """Attach the run's adapters (A random from ``seed``, B zero); returns the adapted module paths."""
-    if lora_cfg.init_from:
-        raise ConfigError("lora.init_from is not supported by the trainer yet; unset it", key="lora.init_from")
+    """Attach the run's adapters (A random from ``seed``, B zero); returns the adapted module paths.
+
+    ``lora.init_from`` is applied afterwards, on the built model (``flux_jax.train.lora_init``)."""
     paths = apply_lora(
         model,
         rank=lora_cfg.rank,

@@ -28,7 +28,7 @@ from flux_jax.model import FluxConfig
 from flux_jax.optim import build_optimizer, build_schedule
 from flux_jax.run_config import ConfigError, RunConfig
 from flux_jax.sharding import make_mesh, use_mesh
-from flux_jax.storage import run_path, write_text
+from flux_jax.storage import is_remote, run_path, write_text
 from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
 from flux_jax.train.data import (
@@ -39,6 +39,7 @@ from flux_jax.train.data import (
     ExampleSource,
     synthetic_examples,
 )
+from flux_jax.train.lora_init import init_lora_from
 from flux_jax.train.metrics import MetricsWriter, peak_flops, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.preemption import PreemptionWatcher
@@ -284,8 +285,6 @@ def setup(
 ) -> tuple[Trainer, TrainState]:
     """Build the trainer and its starting state (fresh, or resumed from the latest checkpoint in output_dir)."""
     cfg.validate_for_training(require_data=not cfg.data.synthetic)
-    if cfg.lora.init_from:
-        raise ConfigError("lora.init_from is not supported by the trainer yet; unset it", key="lora.init_from")
     mesh = make_mesh(*cfg.mesh.shape, devices=devices)
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh, jax.process_count())
@@ -296,6 +295,9 @@ def setup(
     data, source = (None, None) if cfg.data.synthetic else open_data(cfg)
     checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
     latest = checkpointer.latest_step()
+    init_from = cfg.lora.init_from
+    if init_from and latest is None and not is_remote(init_from) and not pathlib.Path(init_from).exists():
+        raise ConfigError(f"{init_from}: no such LoRA file or training run", key="lora.init_from")
     saved_meta = None
     if latest is not None:
         saved_meta = checkpointer.read_meta(latest)
@@ -304,6 +306,8 @@ def setup(
     with use_mesh(mesh, rules):
         model, adapted = build.build_model(cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed)
     model_cfg: FluxConfig = model.config
+    if init_from and latest is None:  # a resumed run continues from its checkpoint instead
+        init_lora_from(model, init_from)
     objective = Objective.from_config(cfg.train)
     warn_about_guidance(objective, base=cfg.model.base, config=model_cfg)
     if data is None:

@@ -33,22 +33,25 @@ def config(out: Path, *overrides: str):
     return load_config(TINY, [f"output_dir={out}", "log.tensorboard=false", *overrides])
 
 
-@pytest.fixture(scope="module")
-def file_weights() -> dict[str, LoraWeights]:
-    """Random LoRA weights (non-zero up) for every module the tiny run adapts."""
+def random_lora(seed: int = 0, std: float = 1.0) -> dict[str, LoraWeights]:
+    """Random normal LoRA weights (non-zero up, alpha FILE_ALPHA) for every module the tiny run adapts."""
     cfg = config(Path("unused"))
     model, _ = build.build_model(cfg.model, cfg.lora, mesh=make_mesh(-1, 1, 1), rules=cfg.mesh.rules)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     return {
-        k: LoraWeights(rng.normal(size=w.down.shape), rng.normal(size=w.up.shape), FILE_ALPHA)
+        k: LoraWeights(rng.normal(0, std, w.down.shape), rng.normal(0, std, w.up.shape), FILE_ALPHA)
         for k, w in lora_weights_from_model(model).items()
     }
 
 
 def lora_file(path: Path, weights: dict[str, LoraWeights], fmt: str = "kohya") -> Path:
-    cfg = config(Path("unused"))
-    model_cfg = build.preset(cfg.model.preset)
+    model_cfg = build.preset(config(Path("unused")).model.preset)
     return write_lora_file(path, weights, fmt, config=model_cfg, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def file_weights() -> dict[str, LoraWeights]:
+    return random_lora()
 
 
 def deltas(state_lora: dict, alpha: float) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
 """Multi-process training on CPU: 2 processes x 4 fake devices (jax.distributed over gloo, local coordinator)
-train the tiny model to the same losses and LoRA as 1 process x 8 devices, on the same (data=2, fsdp=4) mesh."""
+train the tiny model to the same losses and LoRA as 1 process x 8 devices, on the same (data=2, fsdp=4) mesh,
+both starting from the same LoRA file (`lora.init_from`, so its multi-host path is covered too)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _PIPE = dict(text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 def _overrides(out: Path) -> list[str]:
     return [
+        f"lora.init_from={out.parent / 'start.safetensors'}",
         f"train.steps={STEPS}",
         "checkpoint.every=2",
         "mesh.data=2",
@@ -83,7 +85,12 @@ def _lora(run: Path) -> tuple[dict[str, np.ndarray], int]:
 
 @pytest.mark.slow  # three fresh processes, each importing JAX and compiling the train step
 def test_two_processes_match_one_process(tmp_path: Path) -> None:
+    from tests.test_lora_init import lora_file, random_lora
+
     single, multi = tmp_path / "single", tmp_path / "multi"
+    # Weights of a trained LoRA's size: the comparison below is absolute, and float32 rounding scales with them.
+    start = random_lora(seed=1, std=0.02)
+    lora_file(tmp_path / "start.safetensors", start)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -125,5 +132,6 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     assert sorted(got_lora) == sorted(want_lora) and want_lora
     for name, w in want_lora.items():
         np.testing.assert_allclose(got_lora[name], w, rtol=0, atol=1e-6, err_msg=name)
-    # The LoRA actually trained (up starts at zero), so the comparison is not of two initial states.
-    assert any(np.abs(w).max() > 0 for name, w in want_lora.items() if name.endswith(".up"))
+    # The LoRA actually trained away from its start, so the comparison is not of two initial states.
+    moved = max(float(np.abs(want_lora[f"{k}.up"] - w.up * w.alpha / 8.0).max()) for k, w in start.items())
+    assert moved > 1e-4, moved

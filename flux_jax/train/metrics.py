@@ -80,14 +80,14 @@ class MetricsWriter:
         self.remote = is_remote(self.run_dir)
         self._tb = None
         self._staging: tempfile.TemporaryDirectory | None = None
+        if not enabled:
+            return
         if self.remote:
             self._staging = tempfile.TemporaryDirectory(prefix="flux_jax_logs_")
             self.local_dir = pathlib.Path(self._staging.name)
         else:
             self.local_dir = pathlib.Path(os.fspath(self.run_dir))
         self.path = self.local_dir / METRICS_FILE
-        if not enabled:
-            return
         self.local_dir.mkdir(parents=True, exist_ok=True)
         if self.remote and (self.run_dir / METRICS_FILE).exists():
             self.path.write_text((self.run_dir / METRICS_FILE).read_text())

@@ -8,7 +8,7 @@ output (`vector_in`), but the last hidden state is returned too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,12 +27,9 @@ from flux_jax.encoders.keys import (
     model_params,
     param_shapes,
 )
+from flux_jax.encoders.layers import ACTIVATIONS, attention, dense
 from flux_jax.errors import CheckpointError
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
 # transformers' marker for checkpoints from before it fixed eos_token_id (PR #24773): those pool at
 # argmax(input_ids), which is the end-of-text token only because it has the largest id.
 LEGACY_EOS_TOKEN_ID = 2
@@ -56,8 +53,8 @@ class CLIPTextConfig:
     eos_token_id: int = LEGACY_EOS_TOKEN_ID
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP activation {self.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported CLIP activation {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
 
@@ -121,20 +118,6 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def _dense(
-    din: int, dout: int, axes: tuple[str, str], dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
-) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata={"logical_axes": axes},
-        bias_metadata={"logical_axes": (axes[1],)},
-        rngs=rngs,
-    )
-
-
 class CLIPLayer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         self.num_heads = cfg.num_attention_heads
@@ -142,23 +125,21 @@ class CLIPLayer(nnx.Module):
         self.act = cfg.hidden_act
         d = cfg.hidden_size
         self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps, param_dtype)
-        self.q_proj = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.k_proj = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.v_proj = _dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.out_proj = _dense(d, d, ("heads", "embed"), dtype, param_dtype, rngs)
+        self.q_proj = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.k_proj = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.v_proj = dense(d, d, ("embed", "heads"), dtype, param_dtype, rngs)
+        self.out_proj = dense(d, d, ("heads", "embed"), dtype, param_dtype, rngs)
         self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps, param_dtype)
-        self.fc1 = _dense(d, cfg.intermediate_size, ("embed", "mlp"), dtype, param_dtype, rngs)
-        self.fc2 = _dense(cfg.intermediate_size, d, ("mlp", "embed"), dtype, param_dtype, rngs)
+        self.fc1 = dense(d, cfg.intermediate_size, ("embed", "mlp"), dtype, param_dtype, rngs)
+        self.fc2 = dense(cfg.intermediate_size, d, ("mlp", "embed"), dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array, mask_bias: jax.Array) -> jax.Array:
         """x [B, L, D]; mask_bias [B or 1, 1, L, L] additive (causal, plus padding if given)."""
         b, n, _ = x.shape
         h = self.layer_norm1(x)
         q, k, v = (p(h).reshape(b, n, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.float32(np.sqrt(self.head_dim))
-        probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(v.dtype)
-        x = x + self.out_proj(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, -1))
-        return x + self.fc2(_ACTIVATIONS[self.act](self.fc1(self.layer_norm2(x))))
+        x = x + self.out_proj(attention(q, k, v, mask_bias, divisor=np.sqrt(self.head_dim)))
+        return x + self.fc2(ACTIVATIONS[self.act](self.fc1(self.layer_norm2(x))))
 
 
 class CLIPTextModel(nnx.Module):

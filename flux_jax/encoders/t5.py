@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,15 +29,8 @@ from flux_jax.encoders.keys import (
     model_params,
     param_shapes,
 )
+from flux_jax.encoders.layers import ACTIVATIONS, attention, dense
 from flux_jax.errors import CheckpointError
-
-# transformers ACT2FN names T5 configs use. gelu_new is the tanh approximation.
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +49,8 @@ class T5Config:
     dense_act_fn: str = "gelu_new"
 
     def __post_init__(self) -> None:
-        if self.dense_act_fn not in _ACTIVATIONS:
-            raise ValueError(f"unsupported T5 activation {self.dense_act_fn!r}; known: {sorted(_ACTIVATIONS)}")
+        if self.dense_act_fn not in ACTIVATIONS:
+            raise ValueError(f"unsupported T5 activation {self.dense_act_fn!r}; known: {sorted(ACTIVATIONS)}")
 
     @property
     def inner_dim(self) -> int:
@@ -130,20 +123,6 @@ class RMSNorm(nnx.Module):
         return w * y.astype(w.dtype) if w.dtype != jnp.float32 else w * y
 
 
-def _dense(
-    din: int, dout: int, axes: tuple[str, str], dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
-) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata={"logical_axes": axes},
-        rngs=rngs,
-    )
-
-
 class T5Layer(nnx.Module):
     """One encoder block: pre-norm self-attention, then pre-norm gated feed-forward."""
 
@@ -153,27 +132,23 @@ class T5Layer(nnx.Module):
         self.act = cfg.dense_act_fn
         d, inner = cfg.d_model, cfg.inner_dim
         self.attn_norm = RMSNorm(d, cfg.layer_norm_epsilon, param_dtype)
-        self.q = _dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.k = _dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.v = _dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs)
-        self.o = _dense(inner, d, ("heads", "embed"), dtype, param_dtype, rngs)
+        self.q = dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=False)
+        self.k = dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=False)
+        self.v = dense(d, inner, ("embed", "heads"), dtype, param_dtype, rngs, use_bias=False)
+        self.o = dense(inner, d, ("heads", "embed"), dtype, param_dtype, rngs, use_bias=False)
         self.ff_norm = RMSNorm(d, cfg.layer_norm_epsilon, param_dtype)
-        self.wi_0 = _dense(d, cfg.d_ff, ("embed", "mlp"), dtype, param_dtype, rngs)
-        self.wi_1 = _dense(d, cfg.d_ff, ("embed", "mlp"), dtype, param_dtype, rngs)
-        self.wo = _dense(cfg.d_ff, d, ("mlp", "embed"), dtype, param_dtype, rngs)
+        self.wi_0 = dense(d, cfg.d_ff, ("embed", "mlp"), dtype, param_dtype, rngs, use_bias=False)
+        self.wi_1 = dense(d, cfg.d_ff, ("embed", "mlp"), dtype, param_dtype, rngs, use_bias=False)
+        self.wo = dense(cfg.d_ff, d, ("mlp", "embed"), dtype, param_dtype, rngs, use_bias=False)
 
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         """x [B, L, D]; bias [B or 1, H, L, L] = position bias plus additive padding mask."""
         b, n, _ = x.shape
         h = self.attn_norm(x)
         q, k, v = (p(h).reshape(b, n, self.num_heads, self.d_kv) for p in (self.q, self.k, self.v))
-        # No 1/sqrt(d_kv): T5 folds that factor into its weight initialisation.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, -1)
-        x = x + self.o(attn)
+        x = x + self.o(attention(q, k, v, bias, divisor=None))  # T5 folds 1/sqrt(d_kv) into its weights
         h = self.ff_norm(x)
-        h = _ACTIVATIONS[self.act](self.wi_0(h)) * self.wi_1(h)
+        h = ACTIVATIONS[self.act](self.wi_0(h)) * self.wi_1(h)
         return x + self.wo(h)
 
 

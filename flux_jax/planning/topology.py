@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.tpu_launch import GENERATIONS, Generation, TpuLaunchError, parse_slice
+from flux_jax.tpu_launch import GENERATIONS, Generation, Slice, TpuLaunchError, parse_slice
 
 # The environment libtpu needs to describe a topology on a host that is not a TPU VM (no metadata server, one
 # "worker"), with JAX's own backend on the CPU. ALLOW_MULTIPLE_LIBTPU_LOAD lets several such processes (e.g. tests
@@ -51,13 +51,17 @@ class TpuTarget:
     """The name libtpu knows, e.g. ``v5e:2x4``."""
 
     @property
+    def slice(self) -> Slice:
+        return Slice(self.generation, self.chips)
+
+    @property
     def name(self) -> str:
         """The slice name (``v5e-8``; v4 / v5p count TensorCores: ``v4-8`` is 4 chips)."""
-        return f"{self.generation.name}-{self.chips * self.generation.cores_per_chip}"
+        return self.slice.name
 
     @property
     def accelerator_type(self) -> str:
-        return f"{self.generation.accelerator_prefix}-{self.chips * self.generation.cores_per_chip}"
+        return self.slice.accelerator_type
 
     @property
     def hbm_bytes(self) -> int:

@@ -22,6 +22,11 @@ def is_remote(location: str | os.PathLike) -> bool:
     return "://" in os.fspath(location)
 
 
+def is_local_file(location: str | os.PathLike) -> bool:
+    """A file on this machine (a LoRA file, say) rather than a directory or a bucket URL (a training run)."""
+    return not is_remote(location) and pathlib.Path(location).is_file()
+
+
 def run_path(location: str | os.PathLike) -> epath.Path:
     """``location`` as an epath.Path: a URL as it is, a local path made absolute (orbax requires absolute paths)."""
     if is_remote(location):

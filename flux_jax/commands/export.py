@@ -7,7 +7,7 @@ import argparse
 import pathlib
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.storage import is_remote
+from flux_jax.storage import is_local_file
 
 HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a base checkpoint"
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.format is not None:
         raise FluxJaxError("--format does not apply to --merge-into (the output is a checkpoint; see --layout)")
-    if not is_remote(src) and pathlib.Path(src).is_file():
+    if is_local_file(src):
         from flux_jax.weights.checkpoint import open_checkpoint
 
         with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes the LoRA's shapes

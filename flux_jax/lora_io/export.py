@@ -25,7 +25,7 @@ from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
 from flux_jax.lora_io.import_ import META_METADATA_KEY, config_metadata, read_lora_file
 from flux_jax.lora_io.weights import LoraWeights, most_common, parse_module, validate
 from flux_jax.model.config import FluxConfig
-from flux_jax.storage import is_remote, run_path
+from flux_jax.storage import is_local_file, run_path
 from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
 from flux_jax.weights.safetensors_file import write_safetensors
 
@@ -187,7 +187,7 @@ def export_lora(
     defaults to bf16 for a run and to the source's for a file.
     """
     _check_format(format)
-    if not is_remote(src) and pathlib.Path(src).is_file():
+    if is_local_file(src):
         src = pathlib.Path(src)
         if step is not None or ema:
             raise FluxJaxError(f"{src}: --step / --ema apply to a training run directory, not to a LoRA file")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,7 @@ from flux_jax.lora_io.adapters import to_host
 from flux_jax.lora_io.weights import LoraWeights, parse_module
 from flux_jax.model import Flux
 from flux_jax.run_config import ConfigError
-from flux_jax.storage import is_remote
+from flux_jax.storage import is_local_file
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def read_source(source: str | os.PathLike, model: Flux) -> dict[str, LoraWeights
     from flux_jax.lora_io.export import read_run
     from flux_jax.lora_io.import_ import read_lora_file
 
-    if not is_remote(source) and pathlib.Path(source).is_file():
+    if is_local_file(source):
         return read_lora_file(source, model.config).weights
     return read_run(source, step=None)[0]
 

@@ -13,7 +13,9 @@ HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="training run directory, checkpoint directory, or a LoRA .safetensors file")
+    parser.add_argument(
+        "src", help="training run directory (local or gs://), checkpoint directory, or a LoRA .safetensors file"
+    )
     parser.add_argument("out", help="output .safetensors file (with --merge-into --layout diffusers: a directory)")
     parser.add_argument(
         "--format",

@@ -86,7 +86,9 @@ def full(args: argparse.Namespace) -> None:
 
     from flux_jax.data.demo import DEMO_CORPUS
     from flux_jax.data.encoding import FluxEncoders
-    from flux_jax.encoders import CLIPTextConfig, CLIPTextModel, T5Config, T5Encoder, VAEConfig
+    from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel
+    from flux_jax.encoders.t5 import T5Config, T5Encoder
+    from flux_jax.encoders.vae import VAEConfig
     from flux_jax.encoders.tokenizers import (
         build_tiny_clip_tokenizer,
         build_tiny_t5_tokenizer,

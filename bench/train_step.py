@@ -29,7 +29,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from flux_jax.model import configure, preset  # noqa: E402
+from flux_jax.model.flux import configure  # noqa: E402
+from flux_jax.model.config import preset  # noqa: E402
 from flux_jax.optim import build_optimizer  # noqa: E402
 from flux_jax.run_config import LoraConfig, ModelConfig, OptimConfig  # noqa: E402
 from flux_jax.sharding import DEFAULT_RULES, make_mesh, use_mesh  # noqa: E402

@@ -1,6 +1,7 @@
 """flux-jax: train Flux.1 LoRAs on Flux-Dev2Pro at guidance 1.0 with JAX, from one CPU to a TPU pod."""
 
-from flux_jax.model import PRESETS, Flux, FluxConfig, configure, preset
+from flux_jax.model.config import PRESETS, FluxConfig, preset
+from flux_jax.model.flux import Flux, configure
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from flux_jax.cli import main
-from tests.checkpoint_files import FP8, bfl_state_dict, config_metadata, save_bfl
-from tests.torch_reference import diffusers_flux, tiny_config
+from tests.helpers.checkpoint_files import FP8, bfl_state_dict, config_metadata, save_bfl
+from tests.helpers.torch_reference import diffusers_flux, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from flux_jax.weights.flax_checkpoint import META_FILE, write_flax_checkpoint
 from flux_jax.weights.fp8 import cast
 from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
 from flux_jax.weights.writers import write_flux_bfl, write_flux_diffusers
-from tests.checkpoint_files import (
+from tests.helpers.checkpoint_files import (
     FP8,
     bfl_state_dict,
     config_metadata,
@@ -36,7 +36,7 @@ from tests.checkpoint_files import (
     save_bfl,
     scaled_fp8,
 )
-from tests.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, tiny_config
+from tests.helpers.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, tiny_config
 
 MODEL_TOL = 1e-4
 F32, BF16 = np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)

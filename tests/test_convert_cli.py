@@ -22,7 +22,7 @@ from flux_jax.cli import main
 from flux_jax.errors import FluxJaxError
 from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.flax_checkpoint import META_FILE, write_flax_checkpoint
-from tests.torch_reference import diffusers_flux, tiny_config
+from tests.helpers.torch_reference import diffusers_flux, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_jax import load_flux
 from flux_jax.errors import CheckpointError
-from tests.torch_reference import diffusers_flux, tiny_config
+from tests.helpers.torch_reference import diffusers_flux, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,9 @@ def test_load_flux_applies_a_lora_file(tmp_path, good_dir, fmt):
     from flax import nnx
 
     from flux_jax.lora import apply_lora
-    from flux_jax.lora_io import lora_weights_from_model, write_lora_file
-    from tests.torch_reference import forward_inputs, jax_forward
+    from flux_jax.lora_io.adapters import lora_weights_from_model
+    from flux_jax.lora_io.export import write_lora_file
+    from tests.helpers.torch_reference import forward_inputs, jax_forward
 
     model = load_flux(good_dir)
     apply_lora(model, rank=3, alpha=5.0, rngs=nnx.Rngs(0))

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from flux_jax import cli
-from flux_jax.lora_io import FORMATS, export_metadata, read_lora_file, write_lora_file
+from flux_jax.lora_io.export import export_metadata, write_lora_file
+from flux_jax.lora_io.formats import FORMATS
+from flux_jax.lora_io.import_ import read_lora_file
 from flux_jax.weights import flux_keys
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
-from tests.test_lora_export_reference import (
+from tests.helpers.lora_reference import (
     TINY_ALPHA,
     TINY_RANK,
     bfl_state,
@@ -28,7 +30,7 @@ from tests.test_lora_export_reference import (
     quiet_diffusers,
     tiny_case,
 )
-from tests.torch_reference import diffusers_forward
+from tests.helpers.torch_reference import diffusers_forward
 
 MODEL_TOL = 1e-4
 RANK, ALPHA = TINY_RANK, TINY_ALPHA

@@ -8,15 +8,11 @@ import pytest
 import torch
 
 from flux_jax.lora import remove_lora
-from flux_jax.lora_io import (
-    apply_lora_file,
-    convert_lora_file,
-    lora_weights_from_model,
-    read_lora_file,
-    write_lora_file,
-)
+from flux_jax.lora_io.adapters import lora_weights_from_model
+from flux_jax.lora_io.export import convert_lora_file, write_lora_file
+from flux_jax.lora_io.import_ import apply_lora_file, read_lora_file
 from flux_jax.weights.safetensors_file import SafetensorsFile
-from tests.test_lora_export_reference import (
+from tests.helpers.lora_reference import (
     FULL_WIDTH,
     diffusers_lora_forward,
     jax_twin,
@@ -25,7 +21,7 @@ from tests.test_lora_export_reference import (
     randomize_lora,
     scaled_diffusers_flux,
 )
-from tests.torch_reference import diffusers_forward, forward_inputs
+from tests.helpers.torch_reference import diffusers_forward, forward_inputs
 
 pytestmark = pytest.mark.slow  # builds two 0.5B-parameter models (about a minute on two cores)
 

@@ -10,11 +10,12 @@ import pytest
 
 from flux_jax import cli
 from flux_jax.errors import FluxJaxError
-from flux_jax.lora_io import merge_lora, write_lora_file
+from flux_jax.lora_io.export import write_lora_file
+from flux_jax.lora_io.merge import merge_lora
 from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.sources import read_all
-from tests.test_lora_export_reference import bfl_state, load_bfl_into_diffusers, tiny_case
-from tests.torch_reference import diffusers_forward
+from tests.helpers.lora_reference import bfl_state, load_bfl_into_diffusers, tiny_case
+from tests.helpers.torch_reference import diffusers_forward
 
 MODEL_TOL = 1e-4
 

@@ -12,19 +12,13 @@ import torch
 
 from flux_jax.errors import CheckpointError
 from flux_jax.lora import remove_lora
-from flux_jax.lora_io import (
-    FORMATS,
-    LoraWeights,
-    apply_lora_file,
-    apply_lora_weights,
-    convert_lora_file,
-    load_lora_file,
-    lora_weights_from_model,
-    read_lora_file,
-    write_lora_file,
-)
+from flux_jax.lora_io.adapters import apply_lora_weights, lora_weights_from_model
+from flux_jax.lora_io.export import convert_lora_file, write_lora_file
+from flux_jax.lora_io.formats import FORMATS
+from flux_jax.lora_io.import_ import apply_lora_file, load_lora_file, read_lora_file
+from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.weights.safetensors_file import save_file
-from tests.test_lora_export_reference import (
+from tests.helpers.lora_reference import (
     diffusers_lora_forward,
     jit_forward,
     merged_forward,
@@ -111,7 +105,7 @@ def test_apply_places_adapters_on_the_mesh(setup, tmp_path):
 
     from flux_jax.sharding import DEFAULT_RULES, make_mesh
     from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
-    from tests.test_lora_export_reference import bfl_from_diffusers_state
+    from tests.helpers.lora_reference import bfl_from_diffusers_state
 
     cfg = setup["cfg"]
     mesh = make_mesh(2, 4, 1)

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flux_jax.lora_io.adapters import lora_weights_from_model
-from flux_jax.lora_io.export import write_lora_file
 from flux_jax.lora_io.weights import LoraWeights
-from flux_jax.run_config import ConfigError, load_config
-from flux_jax.sharding import make_mesh
-from flux_jax.train import build
+from flux_jax.run_config import ConfigError
 from flux_jax.train.loop import setup
-from tests.compile_cache import persistent_compile_cache
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-FILE_ALPHA = 3.0  # the run's alpha is 8 (configs/tiny.yaml): the file's alpha / rank must be folded in
+from tests.helpers.compile_cache import persistent_compile_cache
+from tests.helpers.tiny_lora import FILE_ALPHA, config, lora_file, random_lora
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,26 +19,6 @@ def _compile_cache(tmp_path_factory):
     """Each setup() builds the same tiny model: compile its initialiser once (shared with test_train_loop.py)."""
     with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
         yield
-
-
-def config(out: Path, *overrides: str):
-    return load_config(TINY, [f"output_dir={out}", "log.tensorboard=false", *overrides])
-
-
-def random_lora(seed: int = 0, std: float = 1.0) -> dict[str, LoraWeights]:
-    """Random normal LoRA weights (non-zero up, alpha FILE_ALPHA) for every module the tiny run adapts."""
-    cfg = config(Path("unused"))
-    model, _ = build.build_model(cfg.model, cfg.lora, mesh=make_mesh(-1, 1, 1), rules=cfg.mesh.rules)
-    rng = np.random.default_rng(seed)
-    return {
-        k: LoraWeights(rng.normal(0, std, w.down.shape), rng.normal(0, std, w.up.shape), FILE_ALPHA)
-        for k, w in lora_weights_from_model(model).items()
-    }
-
-
-def lora_file(path: Path, weights: dict[str, LoraWeights], fmt: str = "kohya") -> Path:
-    model_cfg = build.preset(config(Path("unused")).model.preset)
-    return write_lora_file(path, weights, fmt, config=model_cfg, dtype="fp32")
 
 
 @pytest.fixture(scope="module")

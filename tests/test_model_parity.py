@@ -12,7 +12,7 @@ from flax import nnx
 from flux_jax import load_flux
 from flux_jax.model.layers import timestep_embedding
 from flux_jax.model.rope import apply_rope, rope_freqs
-from tests.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, jax_forward, tiny_config
+from tests.helpers.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, jax_forward, tiny_config
 
 MODEL_TOL = 1e-4
 LAYER_TOL = 1e-5
@@ -147,7 +147,7 @@ def test_timestep_embedding_matches_diffusers_layout():
     """Same [cos, sin] layout and frequencies as diffusers' `Timesteps(256, flip_sin_to_cos=True, shift=0)`."""
     from diffusers.models.embeddings import Timesteps
 
-    from tests.torch_reference import exact_timestep_frequencies
+    from tests.helpers.torch_reference import exact_timestep_frequencies
 
     t = torch.tensor([0.0, 0.1, 0.5, 0.999, 1.0, 3.5])
     with exact_timestep_frequencies():

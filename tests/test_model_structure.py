@@ -16,7 +16,7 @@ from flux_jax.model.attention import attention
 from flux_jax.weights import flux_keys
 from flux_jax.weights.load import abstract_model, flax_sources
 from flux_jax.weights.sources import ArraySource
-from tests.torch_reference import forward_inputs, jax_forward
+from tests.helpers.torch_reference import forward_inputs, jax_forward
 
 DEV_PARAMS = 11_901_408_320
 

@@ -72,7 +72,7 @@ def _metric(run: Path, key: str) -> dict[int, float]:
 
 
 def _lora(run: Path) -> tuple[dict[str, np.ndarray], int]:
-    from flux_jax.lora_io import lora_weights_from_model
+    from flux_jax.lora_io.adapters import lora_weights_from_model
     from flux_jax.train.checkpointing import read_lora_weights
 
     model, meta = read_lora_weights(run)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from flux_jax import cli
-from flux_jax.model import PRESETS
+from flux_jax.model.config import PRESETS
 from flux_jax.planning.fit import Memory, Plan, format_report, parse_oom
 from flux_jax.planning.hlo_flops import count_flops
 from flux_jax.planning.topology import TopologyError, aot_environment, environment_ready, parse_target

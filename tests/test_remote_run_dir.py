@@ -1,6 +1,6 @@
 """A run directory in a bucket: `output_dir=gs://...` trains, checkpoints, resumes and exports through GCS.
 
-No network here, so the bucket is an in-memory GCS JSON API on localhost (tests/fake_gcs.py); orbax's tensorstore
+No network here, so the bucket is an in-memory GCS JSON API on localhost (tests/helpers/fake_gcs.py); orbax's tensorstore
 (TENSORSTORE_GCS_HTTP_URL) and epath's gcsfs backend (STORAGE_EMULATOR_HOST) both talk to it. The code under test
 is the real gs:// path of orbax, epath and flux_jax: only the server is local.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.compile_cache import child_env
+from tests.helpers.compile_cache import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -40,7 +40,7 @@ def gcs() -> str:
     """The emulator's URL, with an empty bucket BUCKET."""
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_gcs.py"), str(port), BUCKET],
+        [sys.executable, str(ROOT / "tests" / "helpers" / "fake_gcs.py"), str(port), BUCKET],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from flux_jax.model import preset
+from flux_jax.model.config import preset
 from flux_jax.train.data import (
     INDEX_NAME,
     BatchIterator,

@@ -15,14 +15,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from flux_jax.errors import CheckpointError, FluxJaxError
-from flux_jax.model import preset
+from flux_jax.model.config import preset
 from flux_jax.run_config import ConfigError, load_config
-from flux_jax.train import TrainingDivergedError, read_lora_weights, setup, train
 from flux_jax.train.build import BASE_PARAMS, flat_params, split_trainable
+from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.data import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
+from flux_jax.train.loop import TrainingDivergedError, setup, train
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.step import eval_loss
-from tests.compile_cache import persistent_compile_cache
+from tests.helpers.compile_cache import persistent_compile_cache
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FAST = ["log.tensorboard=false", "checkpoint.async_save=false"]
@@ -187,7 +188,7 @@ def test_guidance_warning_is_loud_for_dev_bases(caplog):
 def test_trains_a_loaded_base(tmp_path):
     """model.base: a diffusers checkpoint is loaded (sharded, through flux_jax.load_flux) and trained on; the base
     the step sees is the checkpoint's, bit for bit."""
-    from tests.torch_reference import diffusers_flux, tiny_config
+    from tests.helpers.torch_reference import diffusers_flux, tiny_config
 
     ref = diffusers_flux(tiny_config(), seed=3)
     ref.save_pretrained(tmp_path / "base")

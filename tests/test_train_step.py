@@ -17,7 +17,7 @@ from flux_jax.train import build
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import abstract_like, init_train_state
 from flux_jax.train.step import StepCompiler, eval_loss, memory_summary
-from tests.compile_cache import persistent_compile_cache
+from tests.helpers.compile_cache import persistent_compile_cache
 
 C = 8  # latent channels = text width
 

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
     from flux_jax.data.cache import build_cache
     from flux_jax.lora_io.export import export_lora
-    from flux_jax.model import Flux, preset
+    from flux_jax.model.flux import Flux
+    from flux_jax.model.config import preset
     from flux_jax.run_config import load_config
     from flux_jax.train.loop import train
     from flux_jax.weights.convert import convert_checkpoint

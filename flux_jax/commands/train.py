@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from flux_jax.run_config import load_config
-    from flux_jax.train import train
+    from flux_jax.train.loop import train
 
     if not args.verbose:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO

@@ -11,39 +11,3 @@
 The names below are imported on first use, so ``import flux_jax.data.encoding`` (the encoders alone, e.g. on a
 benchmark machine without grain or TensorFlow) does not pull in the rest.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "Bucket": "buckets",
-    "BucketSpec": "buckets",
-    "make_buckets": "buckets",
-    "nearest_bucket": "buckets",
-    "CacheSummary": "cache",
-    "build_cache": "cache",
-    "resolve_cache_dir": "cache",
-    "CachedExample": "cache_reader",
-    "LatentCacheReader": "cache_reader",
-    "BadExample": "images",
-    "DataError": "images",
-    "DataReport": "images",
-    "decode_caption": "images",
-    "decode_image": "images",
-    "TrainIterator": "pipeline",
-    "make_train_iterator": "pipeline",
-    "FolderSource": "sources",
-    "RawExample": "sources",
-    "TfdsSource": "sources",
-    "open_source": "sources",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

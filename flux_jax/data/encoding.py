@@ -23,17 +23,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from flux_jax.encoders import (
-    load_clip,
-    load_clip_tokenizer,
-    load_t5,
-    load_t5_tokenizer,
-    load_vae,
-    normalize_latents,
-    pack_latents,
-    tokenize_clip,
-    tokenize_t5,
-)
+from flux_jax.encoders.clip import load_clip
+from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
+from flux_jax.encoders.t5 import load_t5
+from flux_jax.encoders.vae import load_vae, normalize_latents, pack_latents
 from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel
 from flux_jax.encoders.t5 import T5Config, T5Encoder
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig

@@ -7,22 +7,3 @@
 - ``count_flops(hlo_text)``: matmul FLOPs of a compiled module with scanned loops counted per iteration
   (``hlo_flops.py``).
 """
-
-from flux_jax.planning.fit import Memory, Plan, PlanError, format_report, plan
-from flux_jax.planning.hlo_flops import FlopCount, count_flops
-from flux_jax.planning.topology import TopologyError, TpuTarget, aot_environment, devices, parse_target
-
-__all__ = [
-    "FlopCount",
-    "Memory",
-    "Plan",
-    "PlanError",
-    "TopologyError",
-    "TpuTarget",
-    "aot_environment",
-    "count_flops",
-    "devices",
-    "format_report",
-    "parse_target",
-    "plan",
-]

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.model import PRESETS, FluxConfig
+from flux_jax.model.config import PRESETS, FluxConfig
 from flux_jax.planning import hlo_flops
 from flux_jax.planning.topology import TpuTarget, devices, peak_flops
 from flux_jax.run_config import RunConfig

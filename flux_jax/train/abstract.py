@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from flux_jax.model import FluxConfig
+from flux_jax.model.config import FluxConfig
 from flux_jax.optim import build_optimizer
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import Rules, state_shardings, use_mesh

@@ -24,7 +24,7 @@ from etils import epath
 from tqdm import tqdm
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.model import FluxConfig
+from flux_jax.model.config import FluxConfig
 from flux_jax.optim import build_optimizer, build_schedule
 from flux_jax.run_config import ConfigError, RunConfig
 from flux_jax.sharding import make_mesh, use_mesh

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import jax
 
-from flux_jax.model import FluxConfig
+from flux_jax.model.config import FluxConfig
 from flux_jax.storage import is_remote, run_path, upload, write_text
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flux_jax import flow
-from flux_jax.model import FluxConfig
+from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import TrainConfig
 
 log = logging.getLogger(__name__)

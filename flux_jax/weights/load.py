@@ -138,7 +138,7 @@ def load_flux(
             ckpt, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, attention=attention, remat=remat
         )
     if lora is not None:
-        from flux_jax.lora_io import apply_lora_file
+        from flux_jax.lora_io.import_ import apply_lora_file
 
         apply_lora_file(model, lora, scale=lora_scale, mesh=mesh, rules=rules)
     return model

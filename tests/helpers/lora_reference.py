@@ -14,14 +14,15 @@ import torch
 from flax import nnx
 
 from flux_jax.lora import apply_lora, lora_modules
-from flux_jax.lora_io import LoraWeights, lora_weights_from_model
+from flux_jax.lora_io.adapters import lora_weights_from_model
+from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.model.config import FluxConfig
 from flux_jax.sharding import DEFAULT_RULES
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import bfl_from_diffusers
 from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
 from flux_jax.weights.sources import ArraySource, read_all
-from tests.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, tiny_config
+from tests.helpers.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, tiny_config
 
 # Every Linear the key table knows, the final layer included (the presets stop at the embedders).
 ALL_LINEARS = ["all_blocks_and_embedders", r"final_layer\.(linear|adaLN_modulation\.1)"]

@@ -1,4 +1,4 @@
-"""A local, in-memory GCS server for tests: `python tests/fake_gcs.py PORT BUCKET`.
+"""A local, in-memory GCS server for tests: `python tests/helpers/fake_gcs.py PORT BUCKET`.
 
 gcp-storage-emulator's JSON API with the two parts of GCS's download contract that it lacks and tensorstore (orbax's
 array writer) relies on: media downloads carry the object's generation in `x-goog-generation`, and the

@@ -41,7 +41,7 @@ def child_env(cache_dir: pathlib.Path, **extra: str) -> dict[str, str]:
     """
     return dict(
         os.environ,
-        PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=8",
         JAX_DEFAULT_MATMUL_PRECISION=str(jax.config.jax_default_matmul_precision or "default"),

@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from flux_jax.cli import main as cli_main  # noqa: E402
-from flux_jax.weights.convert import DTYPES  # noqa: E402
+from flux_jax.dtypes import DTYPES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

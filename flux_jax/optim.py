@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import optax
 
-from flux_jax.run_config import ConfigError, OptimConfig
+from flux_jax.errors import ConfigError
+from flux_jax.run_config import OptimConfig
 
 
 def build_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

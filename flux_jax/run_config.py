@@ -21,16 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from flux_jax.errors import FluxJaxError
+from flux_jax.errors import ConfigError
 from flux_jax.sharding import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
-
-
-class ConfigError(FluxJaxError):
-    """A config file or override is invalid; ``key`` is the dotted key at fault, when known."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 def _require(ok: bool, field: str, message: str) -> None:

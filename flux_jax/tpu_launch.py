@@ -18,8 +18,8 @@ A mesh config (``configs/mesh/<slice>.yaml``) is folded into the command line as
 overrides placed before the user's own, so one recipe config serves every slice and the user's
 overrides still win.
 
-The hardware facts (runtime image, HBM, TensorCores per chip, chips per VM) live in ``GENERATIONS`` and
-nowhere else; the mesh configs' header comments are checked against it by the tests.
+The hardware facts (runtime image, HBM, TensorCores per chip, chips per VM) live in ``flux_jax.hardware``
+(``GENERATIONS``) and nowhere else; the mesh configs' header comments are checked against it by the tests.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import re
 import shlex
 import shutil
@@ -40,6 +39,8 @@ from typing import Any
 import yaml
 
 from flux_jax.errors import FluxJaxError
+from flux_jax.hardware import Slice, SliceError, parse_slice
+from flux_jax.run_config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -55,115 +56,11 @@ DISTRIBUTED_ENV = "FLUX_JAX_DISTRIBUTED=1"
 DEFAULT_PYTHON = "3.11"
 
 
-class TpuLaunchError(FluxJaxError):
-    """A slice name, mesh file, override or launcher argument is invalid."""
+TpuLaunchError = SliceError
+"""A slice name, mesh file, override or launcher argument is invalid.
 
-
-# --------------------------------------------------------------------------------------------------
-# Hardware table
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    name: str
-    """Our short name and the prefix of slice names (``v5e-8``) and AOT topologies (``v5e:2x4``)."""
-    accelerator_prefix: str
-    """Prefix of gcloud's ``--accelerator-type`` (v5e is ``v5litepod-N``)."""
-    runtime_version: str
-    """The TPU VM image for JAX (cloud.google.com/tpu/docs/runtimes)."""
-    hbm_gib: int
-    cores_per_chip: int
-    """TensorCores per chip. v4 / v5p accelerator types count cores (v5p-8 is 4 chips); JAX sees one device
-    per chip (megacore), which is what mesh sizes count."""
-    topology_rank: int
-    """2 for the 2D-torus generations, 3 for the 3D ones."""
-    max_single_host_chips: int
-    """The largest slice served by one VM; bigger slices have 4 chips per VM."""
-    max_chips: int
-
-
-GENERATIONS: Mapping[str, Generation] = {
-    g.name: g
-    for g in (
-        Generation("v4", "v4", "tpu-ubuntu2204-base", 32, 2, 3, 4, 4096),
-        Generation("v5e", "v5litepod", "v2-alpha-tpuv5-lite", 16, 1, 2, 8, 256),
-        Generation("v5p", "v5p", "v2-alpha-tpuv5", 95, 2, 3, 4, 4096),
-        Generation("v6e", "v6e", "v2-alpha-tpuv6e", 32, 1, 2, 8, 256),
-    )
-}
-CHIPS_PER_HOST_MULTI = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Slice:
-    generation: Generation
-    chips: int
-
-    @property
-    def count(self) -> int:
-        """The number in the slice name: TensorCores, which equals chips except on v4 / v5p."""
-        return self.chips * self.generation.cores_per_chip
-
-    @property
-    def name(self) -> str:
-        return f"{self.generation.name}-{self.count}"
-
-    @property
-    def accelerator_type(self) -> str:
-        return f"{self.generation.accelerator_prefix}-{self.count}"
-
-    @property
-    def hosts(self) -> int:
-        if self.chips <= self.generation.max_single_host_chips:
-            return 1
-        return self.chips // CHIPS_PER_HOST_MULTI
-
-    @property
-    def topology(self) -> str:
-        """The ICI shape as ``jax.experimental.topologies`` names it, e.g. ``v5e:2x4`` or ``v4:2x2x1``."""
-        return f"{self.generation.name}:{'x'.join(map(str, _torus_dims(self.chips, self.generation.topology_rank)))}"
-
-
-def _torus_dims(chips: int, rank: int) -> list[int]:
-    # Cloud TPU grows slices by doubling the smallest torus dimension (the last one among equals):
-    # 2D 2x2 -> 2x4 -> 4x4 -> 4x8 ...; 3D 2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4 -> 4x4x8 ...
-    dims = [1] * rank
-    if rank == 3 and chips >= 4:
-        dims = [2, 2, 1]
-    while math.prod(dims) < chips:
-        smallest = min(dims)
-        i = max(j for j, d in enumerate(dims) if d == smallest)
-        dims[i] *= 2
-    return dims
-
-
-_SLICE_RE = re.compile(r"^(?P<prefix>[a-z0-9]+)-(?P<count>\d+)$")
-
-
-def parse_slice(text: str) -> Slice:
-    """``v5e-8`` or gcloud's ``v5litepod-8`` -> Slice; the number counts TensorCores, as gcloud does."""
-    match = _SLICE_RE.match(text.strip().lower())
-    known = ", ".join(sorted(GENERATIONS))
-    if not match:
-        raise TpuLaunchError(f"slice {text!r} is not of the form GENERATION-COUNT (e.g. v5e-8); generations: {known}")
-    prefix, count = match["prefix"], int(match["count"])
-    gen = GENERATIONS.get(prefix) or next((g for g in GENERATIONS.values() if g.accelerator_prefix == prefix), None)
-    if gen is None:
-        raise TpuLaunchError(f"slice {text!r}: unknown TPU generation {prefix!r}; known: {known}")
-    chips, rest = divmod(count, gen.cores_per_chip)
-    smallest = 4 if gen.topology_rank == 3 else 1
-    if (
-        rest
-        or chips < smallest
-        or chips > gen.max_chips
-        or chips & (chips - 1)
-        or (gen.topology_rank == 2 and chips == 2)  # 2D slices go 1x1, then 2x2
-    ):
-        raise TpuLaunchError(
-            f"slice {text!r}: {gen.name} slices have a power-of-two chip count from {smallest} to {gen.max_chips}"
-            + (f" (the name counts TensorCores, {gen.cores_per_chip} per chip)" if gen.cores_per_chip > 1 else "")
-        )
-    return Slice(gen, chips)
+The same class as ``flux_jax.hardware.SliceError`` (which cannot import this module to subclass it), so one
+``except TpuLaunchError`` covers a bad slice from ``parse_slice`` as well as the launcher's own errors."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,8 +93,6 @@ def mesh_overrides(path: str | Path) -> list[str]:
     The file is validated with ``load_config`` first, so a typo fails here, before any TPU is rented.
     Only the keys the file sets are returned, in file order.
     """
-    from flux_jax.run_config import load_config  # lazy: run_config imports jax via sharding
-
     path = Path(path)
     load_config(path)
     raw = yaml.safe_load(path.read_text()) or {}
@@ -369,8 +264,6 @@ def launch_commands(
 
     The full override list (mesh file first, then ``overrides``) is validated against ``config`` here.
     """
-    from flux_jax.run_config import load_config  # lazy: run_config imports jax via sharding
-
     remote_config, _, _ = _paths(job)
     config = Path(config)
     for item in env:

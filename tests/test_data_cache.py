@@ -18,8 +18,9 @@ from flux_jax.data import cache as cache_mod
 from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import build_cache
 from flux_jax.data.cache_reader import LatentCacheReader
-from flux_jax.data.images import GRAYSCALE, DataError
-from flux_jax.run_config import ConfigError, RunConfig, from_dict
+from flux_jax.data.images import GRAYSCALE
+from flux_jax.errors import ConfigError, DataError
+from flux_jax.run_config import RunConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("latents", "t5", "clip", "height", "width", "bucket", "group", "repeats", "flipped", "caption", "source")

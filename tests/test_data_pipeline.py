@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from flux_jax.data.buckets import Bucket
-from flux_jax.data.images import DataError
 from flux_jax.data.pipeline import EpochPlanner, TrainIterator
+from flux_jax.errors import DataError
 
 T5_LEN, T5_DIM, CLIP_DIM = 3, 4, 5
 BUCKETS = (Bucket(64, 64), Bucket(128, 64), Bucket(64, 128))

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
+from flux_jax.errors import ConfigError
 from flux_jax.lora_io.weights import LoraWeights
-from flux_jax.run_config import ConfigError
 from flux_jax.train.loop import setup
 from tests.helpers.compile_cache import persistent_compile_cache
 from tests.helpers.tiny_lora import FILE_ALPHA, config, lora_file, random_lora

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from flux_jax.errors import ConfigError
 from flux_jax.optim import build_optimizer, build_schedule
-from flux_jax.run_config import ConfigError, OptimConfig
+from flux_jax.run_config import OptimConfig
 
 
 def lrs(cfg: OptimConfig, total: int, steps: list[int]) -> np.ndarray:

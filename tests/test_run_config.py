@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flux_jax.run_config import (
-    ConfigError,
-    MeshConfig,
-    RunConfig,
-    TrainConfig,
-    from_dict,
-    load_config,
-    parse_override,
-)
+from flux_jax.errors import ConfigError
+from flux_jax.run_config import MeshConfig, RunConfig, TrainConfig, from_dict, load_config, parse_override
 from flux_jax.sharding import DEFAULT_RULES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,16 +14,16 @@ import jax
 import pytest
 
 from flux_jax import tpu_launch
-from flux_jax.run_config import ConfigError, load_config, parse_override
+from flux_jax.errors import ConfigError
+from flux_jax.hardware import GENERATIONS, parse_slice
+from flux_jax.run_config import load_config, parse_override
 from flux_jax.sharding import make_mesh, resolve_mesh_shape
 from flux_jax.tpu_launch import (
-    GENERATIONS,
     Target,
     TpuLaunchError,
     launch_script,
     main,
     mesh_overrides,
-    parse_slice,
     stop_script,
 )
 
@@ -563,7 +563,7 @@ def test_generation_table_is_the_only_runtime_source() -> None:
         text = py.read_text()
         for runtime in runtimes:
             found = len(re.findall(rf"{re.escape(runtime)}(?![-\w])", text))
-            assert found <= (1 if py.name == "tpu_launch.py" else 0), (py, runtime)
+            assert found <= (1 if py.name == "hardware.py" else 0), (py, runtime)
 
 
 def test_launched_jobs_initialise_jax_distributed() -> None:

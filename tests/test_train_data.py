@@ -8,19 +8,20 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from flux_jax.errors import DataError
+from flux_jax.hardware import peak_flops
 from flux_jax.model.config import preset
 from flux_jax.train.data import (
     INDEX_NAME,
     BatchIterator,
     CachedExamples,
-    DataError,
     Example,
     InMemoryExamples,
     img_ids,
     synthetic_examples,
     write_cached_examples,
 )
-from flux_jax.train.metrics import MetricsWriter, peak_flops, useful_flops_per_sample
+from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.step import micro_batches
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

@@ -17,15 +17,10 @@ import json
 import logging
 import pathlib
 
+from flux_jax.dtypes import DTYPES
 from flux_jax.errors import FluxJaxError
-from flux_jax.weights.convert import (
-    DTYPES,
-    OUTPUT_LAYOUTS,
-    convert_checkpoint,
-    convert_lora,
-    looks_like_lora,
-    parse_size,
-)
+from flux_jax.model.config import FluxConfig
+from flux_jax.weights.convert import OUTPUT_LAYOUTS, convert_checkpoint, convert_lora, looks_like_lora, parse_size
 from flux_jax.weights.writers import DEFAULT_SHARD_BYTES
 
 HELP = "convert Flux checkpoints: PyTorch (BFL, fp8, diffusers) <-> Flax checkpoint directories"
@@ -63,13 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_config(path: pathlib.Path | None):
     if path is None:
         return None
-    from flux_jax.weights.flax_checkpoint import config_from_json
 
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise FluxJaxError(f"{path}: cannot read config JSON ({e})") from None
-    return config_from_json(raw, str(path))
+    return FluxConfig.from_json(raw, str(path))
 
 
 def _is_lora_file(src: pathlib.Path) -> bool:

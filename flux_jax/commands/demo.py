@@ -11,32 +11,37 @@ and print where everything went. Re-running reuses finished steps (training resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
+from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flux_jax.run_config import RunConfig
 
 HELP = "run the tiny end-to-end demo: PyTorch base -> convert -> cache photos -> train LoRA -> export"
-REPO = pathlib.Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+# Package data (pyproject's [tool.setuptools.package-data]), so an installed wheel has them too.
+ASSETS = resources.files("flux_jax") / "assets"
+DEMO_CONFIG = ASSETS / "demo.yaml"
+"""The demo run config; its ``data.path`` is empty, which the demo reads as "the shipped photos"."""
+DEMO_PHOTOS = ASSETS / "demo_photos"
+"""8 small photos with same-named .txt captions (regenerate with ``flux_jax/assets/make_demo_photos.py``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="where the demo writes everything (default runs/demo)")
-    parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo run config (default configs/demo.yaml)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"demo run config (default: the packaged {DEMO_CONFIG}); an empty data.path means the packaged photos",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from flax import nnx
-
-    from flux_jax.data.cache import build_cache
-    from flux_jax.lora_io.export import export_lora
-    from flux_jax.model.flux import Flux
-    from flux_jax.model.config import preset
     from flux_jax.run_config import load_config
-    from flux_jax.train.loop import train
-    from flux_jax.weights.convert import convert_checkpoint
-    from flux_jax.weights.writers import write_flux_bfl
 
     out = pathlib.Path(args.output)
     progress = not args.no_progress
@@ -49,10 +54,26 @@ def run(args: argparse.Namespace) -> int:
         *([f"train.steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]
-    cfg = load_config(args.config, overrides)
-    if not pathlib.Path(cfg.data.path).exists() and (REPO / cfg.data.path).exists():
-        # The shipped photos live in the checkout; find them from any working directory.
-        cfg = load_config(args.config, [*overrides, f"data.path={REPO / cfg.data.path}"])
+    with contextlib.ExitStack() as stack:  # as_file: real file paths however the package is installed
+        config = args.config or stack.enter_context(resources.as_file(DEMO_CONFIG))
+        cfg = load_config(config, overrides)
+        if not cfg.data.path and not cfg.data.synthetic:
+            # No images named (the packaged config leaves data.path empty): the photos shipped with the package.
+            photos = stack.enter_context(resources.as_file(DEMO_PHOTOS))
+            cfg = load_config(config, [*overrides, f"data.path={photos}"])
+        return _run(cfg, out, base_pt, base_flax, progress=progress)
+
+
+def _run(cfg: RunConfig, out: pathlib.Path, base_pt: pathlib.Path, base_flax: pathlib.Path, *, progress: bool) -> int:
+    from flax import nnx
+
+    from flux_jax.data.cache import build_cache
+    from flux_jax.lora_io.export import export_lora
+    from flux_jax.model.config import preset
+    from flux_jax.model.flux import Flux
+    from flux_jax.train.loop import train
+    from flux_jax.weights.convert import convert_checkpoint
+    from flux_jax.weights.writers import write_flux_bfl
 
     print(f"[1/5] tiny reference base (PyTorch BFL layout) -> {base_pt}")
     if not base_pt.exists():

@@ -48,14 +48,12 @@ from flux_jax.data.images import (
     CAPTION_MISSING,
     EMPTY_CAPTION_USED,
     BadExample,
-    DataError,
     DataReport,
     decode_caption,
     decode_image,
 )
 from flux_jax.data.sources import Source, open_source
-from flux_jax.errors import FluxJaxError
-from flux_jax.run_config import ConfigError
+from flux_jax.errors import ConfigError, DataError, FluxJaxError
 from flux_jax.storage import is_remote
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
-from flux_jax.data.images import DataError
+from flux_jax.errors import DataError
 from flux_jax.train.data import Example as CachedExample  # one example type for both data sources
 from flux_jax.weights.safetensors_file import SafetensorsFile
 

@@ -23,13 +23,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from flux_jax.encoders.clip import load_clip
+from flux_jax.dtypes import dtype_name, parse_dtype
+from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel, load_clip
+from flux_jax.encoders.t5 import T5Config, T5Encoder, load_t5
 from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
-from flux_jax.encoders.t5 import load_t5
-from flux_jax.encoders.vae import load_vae, normalize_latents, pack_latents
-from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel
-from flux_jax.encoders.t5 import T5Config, T5Encoder
-from flux_jax.encoders.vae import AutoEncoder, VAEConfig
+from flux_jax.encoders.vae import AutoEncoder, VAEConfig, load_vae, normalize_latents, pack_latents
 from flux_jax.errors import CheckpointError, FluxJaxError
 from flux_jax.sharding import DEFAULT_RULES, batch_sharding, state_shardings
 from flux_jax.weights.safetensors_file import SafetensorsFile
@@ -48,7 +46,7 @@ ROOT_LAYOUT = {
     "clip_tokenizer": "tokenizer",
     "t5_tokenizer": "tokenizer_2",
 }
-_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+ENCODER_DTYPES = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +135,7 @@ class FluxEncoders:
         self.mesh = mesh
         self.t5_max_length = t5_max_length
         dtype = jax.tree.leaves(nnx.state(vae))[0].dtype
-        self.dtype = next(name for name, d in _DTYPES.items() if d == dtype)
+        self.dtype = dtype_name(dtype, ENCODER_DTYPES)
         self.vae_config: VAEConfig = vae.config
         self.t5_dim = t5.config.d_model
         self.clip_dim = clip.config.hidden_size
@@ -158,7 +156,7 @@ class FluxEncoders:
     @classmethod
     def load(cls, paths: EncoderPaths, *, mesh: Mesh, dtype: str = "bf16", t5_max_length: int = 512) -> FluxEncoders:
         """Read the three checkpoints and two tokenizers that ``paths`` names."""
-        jdtype = _DTYPES[dtype]
+        jdtype = parse_dtype(dtype, ENCODER_DTYPES)
         # Build on the host CPU first: a T5-XXL converted on accelerator 0 would not fit next to its copy.
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             state, config = read_state(paths.vae)

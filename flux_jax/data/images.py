@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageCms, ImageFile, ImageOps, UnidentifiedImageError
 
-from flux_jax.errors import FluxJaxError
+from flux_jax.errors import DataError, FluxJaxError
 
 # Reasons an example is skipped.
 EMPTY_FILE = "empty_file"
@@ -52,10 +52,6 @@ EMPTY_CAPTION_USED = "empty_caption_used"
 _WHITE = (255, 255, 255, 255)
 # Errors Pillow raises for damaged data, depending on the format plugin and where the damage is.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, IndexError)
-
-
-class DataError(FluxJaxError):
-    """The dataset as a whole cannot be used (nothing usable, or bad inputs under ``strict``)."""
 
 
 class BadExample(FluxJaxError):

@@ -30,7 +30,7 @@ import numpy as np
 
 from flux_jax.data.cache import resolve_cache_dir
 from flux_jax.data.cache_reader import LatentCacheReader
-from flux_jax.data.images import DataError
+from flux_jax.errors import DataError
 
 STATE_VERSION = 1
 _NO_END = 2**62  # grain's MapDataset needs a length; training stops by step count, not by running out

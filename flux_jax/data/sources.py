@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from flux_jax.data.images import BAD_METADATA, IMAGE_MISSING, UNREADABLE, BadExample, DataError
+from flux_jax.data.images import BAD_METADATA, IMAGE_MISSING, UNREADABLE, BadExample
+from flux_jax.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

@@ -16,36 +16,23 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 
 from flux_jax.atomic import OutputExistsError
+from flux_jax.dtypes import DTYPES, FLOAT_NAMES, dtype_name, parse_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
-from flux_jax.lora_io.import_ import META_METADATA_KEY, config_metadata, read_lora_file
+from flux_jax.lora_io.import_ import META_METADATA_KEY, read_lora_file
 from flux_jax.lora_io.weights import LoraWeights, most_common, parse_module, validate
-from flux_jax.model.config import FluxConfig
+from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
 from flux_jax.storage import is_local_file, run_path
-from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
 from flux_jax.weights.safetensors_file import write_safetensors
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, np.dtype] = {
-    "fp32": np.dtype(np.float32),
-    "bf16": np.dtype(ml_dtypes.bfloat16),
-    "fp16": np.dtype(np.float16),
-}
 # Metadata of a source file that still describes the converted file (training details, not tensor hashes).
 _CARRIED_PREFIXES = ("ss_", "modelspec.")
 _DERIVED = ("ss_network_dim", "ss_network_alpha", "modelspec.title")
-
-
-def dtype_name(dtype) -> str:
-    for name, d in DTYPES.items():
-        if np.dtype(dtype) == d:
-            return name
-    raise FluxJaxError(f"unsupported LoRA dtype {dtype}; choose one of {sorted(DTYPES)}")
 
 
 def _check_format(fmt: str) -> None:
@@ -129,9 +116,7 @@ def write_lora_file(
     if not weights:
         raise FluxJaxError("the LoRA is empty: no module carries an adapter")
     validate(weights, config, "LoRA")
-    target = DTYPES.get(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    if target is None:
-        raise FluxJaxError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    target = parse_dtype(dtype, FLOAT_NAMES) if isinstance(dtype, str) else np.dtype(dtype)
     if fmt == "kohya":
         skipped = [p for p in weights if parse_module(p)[0].stack is None]
         if skipped:
@@ -144,7 +129,7 @@ def write_lora_file(
     tensors = {k: v if k.endswith(".alpha") else v.astype(target) for k, v in tensors.items()}
     metadata = export_metadata(fmt, weights, config, meta, title=path.stem, carried=carried)
     write_safetensors(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], tensors.__getitem__, metadata)
-    log.info("wrote %s LoRA with %d tensors (%s) to %s", fmt, len(tensors), dtype_name(target), path)
+    log.info("wrote %s LoRA with %d tensors (%s) to %s", fmt, len(tensors), dtype_name(target, FLOAT_NAMES), path)
     return path
 
 
@@ -164,7 +149,7 @@ def convert_lora_file(
     lora = read_lora_file(src, config)
     cfg = lora.config or weights_config(lora.weights, str(src))
     if dtype is None:
-        dtype = dtype_name(lora.dtype) if lora.dtype in DTYPES.values() else "fp32"
+        dtype = next((n for n in FLOAT_NAMES if DTYPES[n] == lora.dtype), "fp32")
     log.info("read %s LoRA (%d modules) from %s", lora.format, len(lora.weights), src)
     return write_lora_file(
         dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
@@ -24,10 +23,8 @@ from flux_jax.errors import CheckpointError
 from flux_jax.lora_io.adapters import apply_lora_weights
 from flux_jax.lora_io.formats import from_tensors, infer_config
 from flux_jax.lora_io.weights import LoraWeights, validate
-from flux_jax.model.config import FluxConfig
+from flux_jax.model.config import FluxConfig, config_from_metadata
 from flux_jax.sharding import DEFAULT_RULES
-from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
-from flux_jax.weights.flax_checkpoint import config_from_json, config_to_json
 from flux_jax.weights.safetensors_file import SafetensorsFile
 
 # Our exports record the training run's summary here (JSON), so a converted file keeps it.
@@ -50,21 +47,6 @@ class LoraFile:
             return json.loads(self.metadata.get(META_METADATA_KEY, "{}"))
         except json.JSONDecodeError:
             return {}
-
-
-def config_metadata(cfg: FluxConfig) -> str:
-    """The model config as stored under `CONFIG_METADATA_KEY` (the same JSON the checkpoint writers store)."""
-    return json.dumps(config_to_json(cfg))
-
-
-def config_from_metadata(metadata: Mapping[str, str], where: str) -> FluxConfig | None:
-    if CONFIG_METADATA_KEY not in metadata:
-        return None
-    try:
-        raw = json.loads(metadata[CONFIG_METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: invalid {CONFIG_METADATA_KEY} metadata ({e})") from None
-    return config_from_json(raw, f"{where}: {CONFIG_METADATA_KEY} metadata")
 
 
 def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) -> LoraFile:

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from flux_jax.atomic import OutputExistsError
+from flux_jax.dtypes import FLOAT_NAMES, parse_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.weights import LoraWeights, validate
 from flux_jax.model.config import FluxConfig
@@ -81,12 +82,9 @@ def merge_lora(
 
     dtype: "bf16" / "fp16" / "fp32"; default: the base's own dtype (bf16 for an fp8 base).
     """
-    from flux_jax.lora_io.export import DTYPES  # the one dtype vocabulary of the LoRA tools
-
     if layout not in ("bfl", "diffusers"):
         raise FluxJaxError(f"unknown checkpoint layout {layout!r}; choose bfl or diffusers")
-    if dtype is not None and dtype not in DTYPES:
-        raise FluxJaxError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    target = None if dtype is None else parse_dtype(dtype, FLOAT_NAMES)
     out = pathlib.Path(out)
     if layout == "bfl" and out.suffix != ".safetensors":
         raise FluxJaxError(f"{out}: a BFL checkpoint is one file; name it *.safetensors")
@@ -96,7 +94,6 @@ def merge_lora(
         raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
     with open_checkpoint(base, config=config) as ckpt:
         validate(weights, ckpt.config, f"LoRA merged into {base}")
-        target = DTYPES[dtype] if dtype else None
         if target is None and ckpt.stored_dtype is not None and np.dtype(ckpt.stored_dtype) not in _KEEP:
             target = np.dtype(ml_dtypes.bfloat16)
         merged = dataclasses.replace(ckpt, tensors=merged_tensors(ckpt.tensors, weights, strength, target))

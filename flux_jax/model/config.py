@@ -1,9 +1,17 @@
-"""Flux.1 transformer hyperparameters and the named presets."""
+"""Flux.1 transformer hyperparameters, their JSON form (stored in every file flux-jax writes), and the presets."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from typing import Any
+
+from flux_jax.errors import CheckpointError
+
+# The safetensors metadata key under which our files carry the config (JSON), so a re-read gets the exact config
+# even where shapes cannot tell (RoPE axes). Checkpoints, LoRA files and run metas all use `to_json` / `from_json`.
+CONFIG_METADATA_KEY = "flux_jax.config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,20 @@ class FluxConfig:
     def linear1_split(self) -> tuple[int, int, int, int]:
         return (*self.qkv_split, self.mlp_hidden_dim)
 
+    def to_json(self) -> dict[str, Any]:
+        """The config as JSON types (tuples as lists), as stored in checkpoints, LoRA files and run metas."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> FluxConfig:
+        """Inverse of `to_json`; a `CheckpointError` naming `where` for anything that is not a valid config."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: the Flux config must be an object, got {raw!r:.80}")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: invalid Flux config ({e})") from None
+
     def to_diffusers(self) -> dict[str, Any]:
         """The matching diffusers `FluxTransformer2DModel` config."""
         return {
@@ -92,6 +114,22 @@ class FluxConfig:
             axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
             guidance_embed=bool(cfg.get("guidance_embeds", False)),
         )
+
+
+def config_metadata(cfg: FluxConfig) -> str:
+    """The value stored under `CONFIG_METADATA_KEY`."""
+    return json.dumps(cfg.to_json())
+
+
+def config_from_metadata(metadata: Mapping[str, str] | None, where: str) -> FluxConfig | None:
+    """The config a file's metadata carries under `CONFIG_METADATA_KEY`, or None when it carries none."""
+    if not metadata or CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        raw = json.loads(metadata[CONFIG_METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: invalid {CONFIG_METADATA_KEY} metadata ({e})") from None
+    return FluxConfig.from_json(raw, f"{where}: {CONFIG_METADATA_KEY} metadata")
 
 
 PRESETS: dict[str, FluxConfig] = {

@@ -18,12 +18,12 @@ import dataclasses
 import math
 import os
 import re
-import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flux_jax import hardware
 from flux_jax.errors import FluxJaxError
-from flux_jax.tpu_launch import GENERATIONS, Generation, Slice, TpuLaunchError, parse_slice
+from flux_jax.hardware import GENERATIONS, Generation, Slice, SliceError, parse_slice
 
 # The environment libtpu needs to describe a topology on a host that is not a TPU VM (no metadata server, one
 # "worker"), with JAX's own backend on the CPU. ALLOW_MULTIPLE_LIBTPU_LOAD lets several such processes (e.g. tests
@@ -79,7 +79,7 @@ def parse_target(text: str) -> TpuTarget:
     if match is None:
         try:
             piece = parse_slice(text)
-        except TpuLaunchError as e:
+        except SliceError as e:
             raise TopologyError(f"{e}; or name a topology such as v5e:2x4") from None
         return TpuTarget(piece.generation, piece.chips, piece.topology)
     gen = GENERATIONS.get(match["gen"])
@@ -121,9 +121,10 @@ def devices(target: TpuTarget) -> Sequence[Any]:
 
 
 def peak_flops(target: TpuTarget, device: Any) -> float | None:
-    """Dense bf16 peak FLOP/s of one chip, from the trainer's table (``flux_jax.train.metrics.PEAK_FLOPS``)."""
-    from flux_jax.train.metrics import peak_flops as lookup
+    """Dense bf16 peak FLOP/s of one chip: the device kind's entry in ``flux_jax.hardware.PEAK_FLOPS``, else the
+    generation's own ``peak_flops``.
 
-    # A compile-only v5p device calls itself "TPU v5", which the table (keyed "TPU v5p") does not match; the
-    # generation name always does.
-    return lookup(device) or lookup(types.SimpleNamespace(device_kind=f"TPU {target.generation.name}"))
+    A compile-only v5p device calls itself "TPU v5", which the hardware table maps to v5p; a kind the table does
+    not know still gets the target generation's peak.
+    """
+    return hardware.peak_flops(device) or target.generation.peak_flops

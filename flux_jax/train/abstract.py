@@ -95,7 +95,7 @@ def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> Ab
 
     ``model_config`` is the base's architecture (a loaded base's config comes from its checkpoint, which the
     planner need not have): the base is built as a random base of that shape, which has the same parameter
-    dtypes and shardings as a loaded one (both store through ``weights.load.storage_dtype``).
+    dtypes and shardings as a loaded one (both store through ``dtypes.storage_dtype``).
     """
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
@@ -105,7 +105,7 @@ def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> Ab
 
     def build_model() -> nnx.Module:
         # The trainer's own builders, traced for shapes only: the random base stores parameters exactly as a
-        # loaded one would (dtypes from weights.load.storage_dtype), then the run's adapters are attached.
+        # loaded one would (dtypes from dtypes.storage_dtype), then the run's adapters are attached.
         model = build.random_base(model_config, base_dtype=cfg.model.base_dtype,
                                   compute_dtype=cfg.model.compute_dtype, mesh=mesh, rules=rules, seed=seed,
                                   attention=cfg.model.attention, remat=cfg.model.remat)  # fmt: skip

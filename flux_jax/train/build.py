@@ -15,17 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax.dtypes import DTYPES, storage_dtype
 from flux_jax.lora import LoRADropoutKey, LoRAMask, apply_lora, set_lora_training
-from flux_jax.model.flux import Flux
 from flux_jax.model.config import FluxConfig, preset
+from flux_jax.model.flux import Flux
 from flux_jax.run_config import LoraConfig, ModelConfig
 from flux_jax.sharding import Rules, state_shardings
-from flux_jax.weights.load import storage_dtype
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn}
-
 
 # Variables the trainer adds to a base: the adapters' trainable params, their per-layer masks and dropout keys.
 ADAPTER_VARIABLES = (nnx.LoRAParam, LoRAMask, LoRADropoutKey)

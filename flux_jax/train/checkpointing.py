@@ -26,8 +26,8 @@ from etils import epath
 from flax import nnx
 
 from flux_jax.errors import CheckpointError
-from flux_jax.model.flux import Flux
 from flux_jax.model.config import FluxConfig
+from flux_jax.model.flux import Flux
 from flux_jax.run_config import RunConfig, from_dict
 from flux_jax.storage import run_path
 from flux_jax.train.state import TrainState

@@ -35,17 +35,13 @@ from typing import Protocol
 import numpy as np
 
 from flux_jax.atomic import atomic_dir
-from flux_jax.errors import FluxJaxError
+from flux_jax.errors import DataError
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
 
 CACHED_FORMAT = "flux_jax.cached_examples"
 CACHED_VERSION = 1
 INDEX_NAME = "index.json"
 FIELDS = ("latents", "t5", "clip")
-
-
-class DataError(FluxJaxError):
-    """A dataset directory, its index or one of its shards is missing or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)

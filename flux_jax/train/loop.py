@@ -23,22 +23,15 @@ import optax
 from etils import epath
 from tqdm import tqdm
 
-from flux_jax.errors import FluxJaxError
+from flux_jax.errors import ConfigError, DataError, FluxJaxError
 from flux_jax.model.config import FluxConfig
 from flux_jax.optim import build_optimizer, build_schedule
-from flux_jax.run_config import ConfigError, RunConfig
+from flux_jax.run_config import RunConfig
 from flux_jax.sharding import make_mesh, use_mesh
 from flux_jax.storage import is_remote, run_path, write_text
 from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
-from flux_jax.train.data import (
-    INDEX_NAME,
-    BatchIterator,
-    CachedExamples,
-    DataError,
-    ExampleSource,
-    synthetic_examples,
-)
+from flux_jax.train.data import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource, synthetic_examples
 from flux_jax.train.lora_init import init_lora_from
 from flux_jax.train.metrics import MetricsWriter, peak_flops, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flux_jax.errors import ConfigError
 from flux_jax.lora import lora_modules
 from flux_jax.lora_io.adapters import to_host
 from flux_jax.lora_io.weights import LoraWeights, parse_module
 from flux_jax.model.flux import Flux
-from flux_jax.run_config import ConfigError
 from flux_jax.storage import is_local_file
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""Training metrics: the FLOP count behind MFU, device peaks, and the jsonl + TensorBoard writers.
+"""Training metrics: the FLOP count behind MFU, and the jsonl + TensorBoard writers.
+
+The peaks MFU divides by are hardware facts: ``flux_jax.hardware.peak_flops``.
 
 FLOPs follow ``shared/bench/torch_peer_lora_step.py`` so the JAX and PyTorch numbers are comparable: per sample
 and block, forward matmuls ``2 * 12 H^2 L`` and attention ``4 L^2 H`` (L = image + text tokens); a LoRA step
@@ -15,8 +17,6 @@ import pathlib
 import tempfile
 from collections.abc import Mapping
 
-import jax
-
 from flux_jax.model.config import FluxConfig
 from flux_jax.storage import is_remote, run_path, upload, write_text
 
@@ -24,20 +24,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-# Dense bf16 peak FLOP/s per device (what MFU is measured against), by substrings of `device_kind`.
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
-    ("TPU v5", 459e12),  # v5p devices report their kind as plain "TPU v5"; matched last, after "v5 lite"
-)
 
 
 def useful_flops_per_sample(cfg: FluxConfig, img_tokens: int, txt_tokens: int) -> float:
@@ -48,17 +34,6 @@ def useful_flops_per_sample(cfg: FluxConfig, img_tokens: int, txt_tokens: int) -
     matmul_fwd = 2 * 12 * h * h * tokens * blocks
     attention_fwd = 4 * tokens * tokens * h * blocks
     return 2 * matmul_fwd + 3 * attention_fwd
-
-
-def peak_flops(device: jax.Device, override_tflops: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the override, else a known accelerator's bf16 peak, else None (e.g. CPU)."""
-    if override_tflops:
-        return override_tflops * 1e12
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return peak
-    return None
 
 
 class MetricsWriter:

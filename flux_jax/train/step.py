@@ -24,8 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flux_jax.errors import ConfigError
 from flux_jax.lora import seed_dropout, set_lora_training
-from flux_jax.run_config import ConfigError
 from flux_jax.train.build import unflatten
 from flux_jax.train.objective import Objective, flow_loss
 from flux_jax.train.state import TrainState, abstract_like, replicated

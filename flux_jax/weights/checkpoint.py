@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from flux_jax.errors import CheckpointError
-from flux_jax.model.config import FluxConfig
+from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_from_metadata
 from flux_jax.weights import flux_keys
 from flux_jax.weights.fp8 import FLOAT_DTYPES, dequantize
 from flux_jax.weights.safetensors_file import SafetensorsFile, TensorInfo
@@ -41,8 +41,6 @@ DIFFUSERS_MARKER = "transformer_blocks.0.attn.norm_added_k.weight"
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
-# Written into files we produce so a re-read gets the exact config even where shapes cannot tell (RoPE axes).
-CONFIG_METADATA_KEY = "flux_jax.config"
 
 
 class _Closeable(Protocol):
@@ -216,16 +214,9 @@ def infer_config(
     shape_of: Mapping[str, tuple[int, ...]], where: str, metadata: Mapping[str, str] | None = None
 ) -> FluxConfig:
     """A FluxConfig from BFL tensor shapes (or from our own metadata when the file carries it)."""
-    if metadata and CONFIG_METADATA_KEY in metadata:
-        try:
-            return FluxConfig(
-                **{
-                    k: tuple(v) if isinstance(v, list) else v
-                    for k, v in json.loads(metadata[CONFIG_METADATA_KEY]).items()
-                }
-            )
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: invalid {CONFIG_METADATA_KEY} metadata ({e})") from None
+    stored = config_from_metadata(metadata, where)
+    if stored is not None:
+        return stored
     try:
         hidden, in_channels = shape_of["img_in.weight"]
         head_dim = shape_of["double_blocks.0.img_attn.norm.query_norm.scale"][0]

@@ -15,25 +15,19 @@ import pathlib
 import time
 from typing import Literal
 
-import jax.numpy as jnp
 import numpy as np
 
 from flux_jax.atomic import OutputExistsError
+from flux_jax.dtypes import DTYPES, parse_dtype, storage_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
 from flux_jax.weights.flax_checkpoint import write_flax_checkpoint
-from flux_jax.weights.load import flax_layer_sources, storage_dtype
+from flux_jax.weights.load import flax_layer_sources
 from flux_jax.weights.writers import DEFAULT_SHARD_BYTES, output_bytes, write_flux_bfl, write_flux_diffusers
 
 OutputLayout = Literal["flax", "bfl", "diffusers"]
 OUTPUT_LAYOUTS: tuple[str, ...] = ("flax", "bfl", "diffusers")
-DTYPES: dict[str, np.dtype] = {
-    "fp32": np.dtype(jnp.float32),
-    "bf16": np.dtype(jnp.bfloat16),
-    "fp16": np.dtype(jnp.float16),
-    "fp8": np.dtype(jnp.float8_e4m3fn),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +39,6 @@ class ConversionResult:
     dtype: str  # "keep" when each tensor kept its stored dtype
     bytes_written: int
     seconds: float
-
-
-def parse_dtype(name: str | None) -> np.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise FluxJaxError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
 
 
 def default_dtype(ckpt: FluxCheckpoint, layout: str) -> np.dtype | None:
@@ -123,7 +108,7 @@ def convert_checkpoint(
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if layout is not None and layout not in OUTPUT_LAYOUTS:
         raise FluxJaxError(f"unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
-    target = parse_dtype(dtype)
+    target = None if dtype is None else parse_dtype(dtype)
     # Refuse before reading anything: an existing output is the cheapest mistake to report.
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")

@@ -14,7 +14,7 @@ Layout of a checkpoint directory DST (written by `write_flax_checkpoint`, read b
 
 The tree is `nnx.state(model).to_pure_dict()` of the Flux module: kernels [in, out] (stacked blocks [layers, in,
 out]), biases and norm scales. "dtype" is the storage dtype of the base; with float8_e4m3fn only the kernels are
-fp8 and biases / norm scales are bf16 (`flux_jax.weights.load.storage_dtype`). The files are exactly what orbax's
+fp8 and biases / norm scales are bf16 (`flux_jax.dtypes.storage_dtype`). The files are exactly what orbax's
 own `PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False).save(DST, state)` writes, apart from chunking and
 compression, which zarr records per array (the tests compare `_METADATA` with orbax's), so
 
@@ -33,7 +33,6 @@ writes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -48,12 +47,13 @@ import tensorstore as ts
 from flax import nnx
 
 from flux_jax.atomic import atomic_dir
+from flux_jax.dtypes import storage_dtype
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import FileTensor, FluxCheckpoint, validate_keys
 from flux_jax.weights.fp8 import cast
-from flux_jax.weights.load import abstract_model, flax_layer_sources, storage_dtype
+from flux_jax.weights.load import abstract_model, flax_layer_sources
 from flux_jax.weights.sources import Index, Source, Transposed
 
 META_FILE = "flux_jax.json"
@@ -76,19 +76,6 @@ def is_flax_checkpoint(path: pathlib.Path) -> bool:
 def leaf_name(path: StatePath) -> str:
     """orbax's name for a leaf: its key path joined with "." (the zarr directory name)."""
     return ".".join(str(p) for p in path)
-
-
-def config_to_json(cfg: FluxConfig) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-def config_from_json(raw: Any, where: str) -> FluxConfig:
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: 'config' must be an object, got {raw!r:.80}")
-    try:
-        return FluxConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: invalid Flux config ({e})") from None
 
 
 def expected_leaves(cfg: FluxConfig, dtype) -> dict[StatePath, tuple[tuple[int, ...], np.dtype]]:
@@ -268,7 +255,7 @@ def write_flax_checkpoint(
         )
         _write_json(
             tmp / META_FILE,
-            {"format": FORMAT, "version": VERSION, "config": config_to_json(cfg), "dtype": np.dtype(dtype).name},
+            {"format": FORMAT, "version": VERSION, "config": cfg.to_json(), "dtype": np.dtype(dtype).name},
         )
     return dst
 
@@ -315,7 +302,7 @@ def _read_meta(path: pathlib.Path) -> tuple[FluxConfig, np.dtype]:
         dtype = np.dtype(meta["dtype"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: missing or unknown 'dtype' ({e})") from None
-    return config_from_json(meta.get("config"), str(meta_path)), dtype
+    return FluxConfig.from_json(meta.get("config"), str(meta_path)), dtype
 
 
 def _orbax_leaves(path: pathlib.Path) -> tuple[set[str], bool, bool]:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flux_jax.dtypes import compute_dtype_for, storage_dtype
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
@@ -28,8 +29,6 @@ from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
 from flux_jax.weights.fp8 import cast
 from flux_jax.weights.sources import Source, Stacked, Transposed, normalize_index
-
-FP8 = jnp.float8_e4m3fn
 
 
 def abstract_model(cfg: FluxConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, **kw) -> Flux:
@@ -55,13 +54,6 @@ def flax_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, Source]
         path: Stacked(layers) if stacked else layers[0]
         for path, (stacked, layers) in flax_layer_sources(cfg, bfl).items()
     }
-
-
-def storage_dtype(leaf_path: tuple, base_dtype) -> np.dtype:
-    """fp8 storage applies to matmul kernels only; biases and norm scales stay in bf16 (they are tiny)."""
-    if np.dtype(base_dtype) == np.dtype(FP8) and leaf_path[-1] != "kernel":
-        return np.dtype(jnp.bfloat16)
-    return np.dtype(base_dtype)
 
 
 def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -132,7 +124,7 @@ def load_flux(
       Flux layer are an error listing them.
     """
     if compute_dtype is None:
-        compute_dtype = jnp.bfloat16 if np.dtype(dtype) == np.dtype(FP8) else dtype
+        compute_dtype = compute_dtype_for(dtype)
     with open_checkpoint(path, config=config) as ckpt:
         model = load_from_checkpoint(
             ckpt, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, attention=attention, remat=remat

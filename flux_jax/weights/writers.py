@@ -21,16 +21,10 @@ import numpy as np
 
 from flux_jax.atomic import OutputExistsError, atomic_dir
 from flux_jax.errors import FluxJaxError
-from flux_jax.model.config import FluxConfig
+from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
 from flux_jax.model.flux import Flux
 from flux_jax.weights import flux_keys
-from flux_jax.weights.checkpoint import (
-    CONFIG_METADATA_KEY,
-    DIFFUSERS_INDEX,
-    DIFFUSERS_WEIGHTS,
-    FluxCheckpoint,
-)
-from flux_jax.weights.flax_checkpoint import config_to_json
+from flux_jax.weights.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, FluxCheckpoint
 from flux_jax.weights.fp8 import cast
 from flux_jax.weights.safetensors_file import write_safetensors
 from flux_jax.weights.sources import Index, RowSlice, Source, Transposed, read_all, swap_halves
@@ -93,7 +87,7 @@ def _producer(sources: Mapping[str, Source], targets: Mapping[str, np.dtype]) ->
 
 def _metadata(cfg: FluxConfig) -> dict[str, str]:
     # "format": "pt" is what torch's safetensors writer stores; transformers refuses files without a known format.
-    return {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config_to_json(cfg))}
+    return {"format": "pt", CONFIG_METADATA_KEY: config_metadata(cfg)}
 
 
 def _refuse_existing(path: pathlib.Path, force: bool) -> None:

@@ -12,9 +12,7 @@ import pathlib
 import torch
 from safetensors.torch import save_file
 
-from flux_jax.model.config import FluxConfig
-from flux_jax.weights.checkpoint import CONFIG_METADATA_KEY
-from flux_jax.weights.flax_checkpoint import config_to_json
+from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig
 
 FP8 = torch.float8_e4m3fn
 
@@ -101,7 +99,7 @@ def diffusers_state_dict(bfl_sd: dict[str, torch.Tensor], cfg: FluxConfig) -> di
 
 
 def config_metadata(cfg: FluxConfig) -> dict[str, str]:
-    return {CONFIG_METADATA_KEY: json.dumps(config_to_json(cfg))}
+    return {CONFIG_METADATA_KEY: json.dumps(cfg.to_json())}
 
 
 def save_bfl(path: pathlib.Path, sd: dict[str, torch.Tensor], cfg: FluxConfig | None, prefix: str = "") -> pathlib.Path:

@@ -1,6 +1,7 @@
-"""Regenerate demo/photos/ from scikit-image's bundled sample photos (run once; the results are committed).
+"""Regenerate demo_photos/ (next to this file) from scikit-image's bundled sample photos (run once; the results
+are committed and ship as package data, see `flux_jax.commands.demo`).
 
-    pip install scikit-image && python demo/make_photos.py
+    pip install scikit-image && python flux_jax/assets/make_demo_photos.py
 
 Each photo is resized (Lanczos) so that it fills one of the demo's 192-px-area buckets (256x128, 192x192,
 128x256) without upscaling, and saved small: JPEG (the two grayscale ones stay single-channel JPEGs, which the
@@ -36,7 +37,7 @@ def main() -> None:
     import skimage.data
 
     src = Path(os.path.dirname(skimage.data.__file__))
-    out = Path(__file__).resolve().parent / "photos"
+    out = Path(__file__).resolve().parent / "demo_photos"
     out.mkdir(exist_ok=True)
     for name, (target, size, caption) in PHOTOS.items():
         image = Image.open(src / name)

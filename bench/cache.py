@@ -88,14 +88,13 @@ def full(args: argparse.Namespace) -> None:
     from flux_jax.data.encoding import FluxEncoders
     from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel
     from flux_jax.encoders.t5 import T5Config, T5Encoder
-    from flux_jax.encoders.vae import VAEConfig
     from flux_jax.encoders.tokenizers import (
         build_tiny_clip_tokenizer,
         build_tiny_t5_tokenizer,
         load_clip_tokenizer,
         load_t5_tokenizer,
     )
-    from flux_jax.encoders.vae import AutoEncoder
+    from flux_jax.encoders.vae import AutoEncoder, VAEConfig
     from flux_jax.sharding import make_mesh
 
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[args.dtype]

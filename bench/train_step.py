@@ -29,12 +29,13 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from flux_jax.axes import DEFAULT_RULES  # noqa: E402
 from flux_jax.hardware import peak_flops  # noqa: E402
-from flux_jax.model.flux import configure  # noqa: E402
 from flux_jax.model.config import preset  # noqa: E402
+from flux_jax.model.flux import configure  # noqa: E402
 from flux_jax.optim import build_optimizer  # noqa: E402
 from flux_jax.run_config import LoraConfig, ModelConfig, OptimConfig  # noqa: E402
-from flux_jax.sharding import DEFAULT_RULES, make_mesh, use_mesh  # noqa: E402
+from flux_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from flux_jax.train import build  # noqa: E402
 from flux_jax.train.data import img_ids  # noqa: E402
 from flux_jax.train.metrics import useful_flops_per_sample  # noqa: E402

@@ -21,8 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from flux_jax.axes import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
 from flux_jax.errors import ConfigError
-from flux_jax.sharding import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
 
 
 def _require(ok: bool, field: str, message: str) -> None:

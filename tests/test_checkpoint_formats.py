@@ -19,8 +19,9 @@ from jax.sharding import PartitionSpec
 from safetensors.torch import load_file, save_file
 
 from flux_jax import load_flux
+from flux_jax.axes import DEFAULT_RULES
 from flux_jax.errors import CheckpointError
-from flux_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, state_shardings
+from flux_jax.sharding import logical_to_spec, make_mesh, state_shardings
 from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.convert import convert_checkpoint
 from flux_jax.weights.flax_checkpoint import META_FILE, write_flax_checkpoint

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
-import sys
-import types
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from flux_jax import load_flux
 from flux_jax.cli import main
+from flux_jax.commands import convert as convert_command
 from flux_jax.errors import FluxJaxError
 from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.flax_checkpoint import META_FILE, write_flax_checkpoint
@@ -142,20 +141,11 @@ def _lora_file(path: pathlib.Path) -> pathlib.Path:
 
 def test_lora_files_go_to_the_lora_converter(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("flux_jax.lora_io")
-    fake.convert_lora_file = lambda *args: calls.append(args)
-    monkeypatch.setitem(sys.modules, "flux_jax.lora_io", fake)
+    monkeypatch.setattr(convert_command, "convert_lora_file", lambda *args: calls.append(args))
     src, dst = _lora_file(tmp_path / "lora.safetensors"), tmp_path / "out.safetensors"
     argv = ["convert", str(src), str(dst), "--format", "diffusers", "--dtype", "bf16", "--force"]
     assert main(argv) == 0
     assert calls == [(src, dst, "diffusers", "bf16", True)]
-
-
-def test_lora_files_without_a_converter(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "flux_jax.lora_io", types.ModuleType("flux_jax.lora_io"))
-    src = _lora_file(tmp_path / "lora.safetensors")
-    assert main(["convert", str(src), str(tmp_path / "out.safetensors")]) == 2
-    assert "LoRA file conversion not available" in capsys.readouterr().err
 
 
 def test_format_is_for_lora_files_only(model_dir, tmp_path, capsys):

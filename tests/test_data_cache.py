@@ -320,12 +320,13 @@ def test_cli_cache_then_train_iterator(workspace: dict[str, Path], reference: Pa
 @pytest.mark.slow
 def test_demo_config_caches_the_demo_photos(tmp_path: Path) -> None:
     """The README main job's first step, on the shipped photos with generated encoders (3 buckets to compile)."""
+    from flux_jax.commands.demo import DEMO_CONFIG, DEMO_PHOTOS
     from flux_jax.data.pipeline import make_train_iterator
     from flux_jax.run_config import load_config
 
     cfg = load_config(
-        REPO / "configs" / "demo.yaml",
-        [f"data.path={REPO / 'demo' / 'photos'}", f"data.cache_dir={tmp_path / 'cache'}"],
+        Path(str(DEMO_CONFIG)),
+        [f"data.path={Path(str(DEMO_PHOTOS))}", f"data.cache_dir={tmp_path / 'cache'}"],
     )
     summary = build_cache(cfg, progress=False)
     assert summary.records == 8 and summary.report.num_skipped == 0

@@ -151,17 +151,18 @@ def test_tfds_source_by_name_and_its_errors(packed: tuple[Path, Path, Path]) -> 
 
 def test_demo_photos_and_config() -> None:
     """The shipped demo: 8 photos with captions fill all three 192-px buckets without upscaling."""
+    from flux_jax.commands.demo import DEMO_CONFIG, DEMO_PHOTOS
     from flux_jax.data.buckets import BucketSpec
     from flux_jax.data.cache import scan
     from flux_jax.data.demo import DEMO_CORPUS
     from flux_jax.run_config import load_config
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / "demo.yaml", [f"data.path={repo / 'demo' / 'photos'}"])
+    photos = Path(str(DEMO_PHOTOS))
+    cfg = load_config(Path(str(DEMO_CONFIG)), [f"data.path={photos}"])
     cfg.validate_for_training()
     spec = BucketSpec.from_config(cfg.data)
     items, report = scan(open_source(cfg.data), cfg.data, spec)
     assert report.used == report.total == 8 and report.converted == {im.GRAYSCALE: ["cameraman.jpg", "page.jpg"]}
     assert {str(spec.all_buckets[it.bucket]) for it in items} == {"128x256", "192x192", "256x128"}
     assert all(it.caption in DEMO_CORPUS for it in items)  # the tiny tokenizers keep these words whole
-    assert sum((repo / "demo" / "photos" / it.key).stat().st_size for it in items) < 100_000
+    assert sum((photos / it.key).stat().st_size for it in items) < 100_000

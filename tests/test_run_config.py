@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flux_jax.axes import DEFAULT_RULES
+from flux_jax.commands.demo import DEMO_CONFIG
 from flux_jax.errors import ConfigError
 from flux_jax.run_config import MeshConfig, RunConfig, TrainConfig, from_dict, load_config, parse_override
-from flux_jax.sharding import DEFAULT_RULES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ALL_YAMLS = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml"))
+# configs/ plus the demo config that ships as package data (flux_jax/assets/demo.yaml).
+ALL_YAMLS = sorted(CONFIGS.rglob("*.yaml")) + sorted(CONFIGS.rglob("*.yml")) + [Path(str(DEMO_CONFIG))]
 
 
 def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -22,7 +24,11 @@ def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize(
+    "path",
+    ALL_YAMLS,
+    ids=lambda p: str(p.relative_to(CONFIGS)) if p.is_relative_to(CONFIGS) else f"flux_jax/assets/{p.name}",
+)
 def test_every_shipped_config_parses_and_round_trips(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
@@ -33,7 +39,7 @@ def test_every_shipped_config_parses_and_round_trips(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     names = {p.name for p in ALL_YAMLS}
-    assert {"tiny.yaml", "dev2pro_lora.yaml"} <= names
+    assert {"tiny.yaml", "dev2pro_lora.yaml", "demo.yaml"} <= names
 
 
 def test_tiny_config_values() -> None:

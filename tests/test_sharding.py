@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flux_jax import sharding
-from flux_jax.sharding import DEFAULT_RULES, ShardingError, constrain, logical_to_spec, make_mesh
+from flux_jax.axes import DEFAULT_RULES, ShardingError
+from flux_jax.sharding import constrain, logical_to_spec, make_mesh
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,10 +14,11 @@ import jax
 import pytest
 
 from flux_jax import tpu_launch
+from flux_jax.axes import resolve_mesh_shape
 from flux_jax.errors import ConfigError
 from flux_jax.hardware import GENERATIONS, parse_slice
 from flux_jax.run_config import load_config, parse_override
-from flux_jax.sharding import make_mesh, resolve_mesh_shape
+from flux_jax.sharding import make_mesh
 from flux_jax.tpu_launch import (
     Target,
     TpuLaunchError,

@@ -19,8 +19,11 @@ import pathlib
 
 from flux_jax.dtypes import DTYPES
 from flux_jax.errors import FluxJaxError
+from flux_jax.lora_io.export import convert_lora_file
+from flux_jax.lora_io.formats import looks_like_lora
 from flux_jax.model.config import FluxConfig
-from flux_jax.weights.convert import OUTPUT_LAYOUTS, convert_checkpoint, convert_lora, looks_like_lora, parse_size
+from flux_jax.weights.convert import OUTPUT_LAYOUTS, convert_checkpoint, parse_size
+from flux_jax.weights.safetensors_file import SafetensorsFile
 from flux_jax.weights.writers import DEFAULT_SHARD_BYTES
 
 HELP = "convert Flux checkpoints: PyTorch (BFL, fp8, diffusers) <-> Flax checkpoint directories"
@@ -69,15 +72,14 @@ def _read_config(path: pathlib.Path | None):
 def _is_lora_file(src: pathlib.Path) -> bool:
     if not src.is_file():
         return False
-    from flux_jax.weights.safetensors_file import SafetensorsFile
-
     with SafetensorsFile(src) as f:  # header only; a corrupt file fails here with its own clear message
         return looks_like_lora(f.keys())
 
 
 def run(args: argparse.Namespace) -> int:
     if _is_lora_file(args.src):
-        return convert_lora(args.src, args.dst, fmt=args.format, dtype=args.dtype, force=args.force)
+        convert_lora_file(args.src, args.dst, args.format, args.dtype, args.force)
+        return 0
     if args.format is not None:
         raise FluxJaxError(f"{args.src}: --format applies to LoRA files; this is a base checkpoint (use --layout)")
     shard = parse_size(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pathlib
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -40,31 +41,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
 
 
-def run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def demo_config(config: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> Iterator[RunConfig]:
+    """The run config the demo trains with: ``config`` (default: the packaged one) plus ``overrides``, where an
+    empty ``data.path`` (as the packaged config has) becomes the packaged photos. Its paths are real files for
+    the duration of the ``with`` block, however the package is installed."""
     from flux_jax.run_config import load_config
 
+    with contextlib.ExitStack() as stack:
+        path = config or stack.enter_context(resources.as_file(DEMO_CONFIG))
+        cfg = load_config(path, overrides)
+        if not cfg.data.path and not cfg.data.synthetic:
+            photos = stack.enter_context(resources.as_file(DEMO_PHOTOS))
+            cfg = load_config(path, [*overrides, f"data.path={photos}"])
+        yield cfg
+
+
+def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output)
-    progress = not args.no_progress
-    base_pt = out / "base" / "flux-tiny-bfl-bf16.safetensors"
-    base_flax = out / "base" / "flax"
     overrides = [
         f"output_dir={out / 'run'}",
         f"data.cache_dir={out / 'cache'}",
-        f"model.base={base_flax}",
+        f"model.base={out / 'base' / 'flax'}",
         *([f"train.steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]
-    with contextlib.ExitStack() as stack:  # as_file: real file paths however the package is installed
-        config = args.config or stack.enter_context(resources.as_file(DEMO_CONFIG))
-        cfg = load_config(config, overrides)
-        if not cfg.data.path and not cfg.data.synthetic:
-            # No images named (the packaged config leaves data.path empty): the photos shipped with the package.
-            photos = stack.enter_context(resources.as_file(DEMO_PHOTOS))
-            cfg = load_config(config, [*overrides, f"data.path={photos}"])
-        return _run(cfg, out, base_pt, base_flax, progress=progress)
+    with demo_config(args.config, overrides) as cfg:
+        return _run(cfg, out, progress=not args.no_progress)
 
 
-def _run(cfg: RunConfig, out: pathlib.Path, base_pt: pathlib.Path, base_flax: pathlib.Path, *, progress: bool) -> int:
+def _run(cfg: RunConfig, out: pathlib.Path, *, progress: bool) -> int:
     from flax import nnx
 
     from flux_jax.data.cache import build_cache
@@ -75,6 +81,8 @@ def _run(cfg: RunConfig, out: pathlib.Path, base_pt: pathlib.Path, base_flax: pa
     from flux_jax.weights.convert import convert_checkpoint
     from flux_jax.weights.writers import write_flux_bfl
 
+    base_pt = out / "base" / "flux-tiny-bfl-bf16.safetensors"
+    base_flax = out / "base" / "flax"
     print(f"[1/5] tiny reference base (PyTorch BFL layout) -> {base_pt}")
     if not base_pt.exists():
         base_pt.parent.mkdir(parents=True, exist_ok=True)

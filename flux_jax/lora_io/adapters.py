@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.lora import apply_lora, linear_modules, lora_modules
 from flux_jax.lora_io.weights import LINEAR_ENTRIES, LoraWeights, parse_module, validate
-from flux_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from flux_jax.sharding import state_shardings
 from flux_jax.weights import flux_keys
 
 log = logging.getLogger(__name__)

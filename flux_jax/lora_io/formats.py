@@ -104,6 +104,13 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     "xlabs": (".down.weight", ".up.weight"),
 }
 ALPHA = ".alpha"
+# Substrings by which a safetensors file is told to be a LoRA (any format above) rather than a base checkpoint.
+LORA_KEY_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora_unet_", ".processor.qkv_lora", ALPHA)
+
+
+def looks_like_lora(keys) -> bool:
+    """True for LoRA files (kohya, PEFT/diffusers, BFL-named lora_A/B, XLabs), judged from their keys alone."""
+    return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
 
 
 @dataclasses.dataclass(frozen=True)

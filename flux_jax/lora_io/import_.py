@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax.axes import DEFAULT_RULES
 from flux_jax.errors import CheckpointError
 from flux_jax.lora_io.adapters import apply_lora_weights
 from flux_jax.lora_io.formats import from_tensors, infer_config
 from flux_jax.lora_io.weights import LoraWeights, validate
 from flux_jax.model.config import FluxConfig, config_from_metadata
-from flux_jax.sharding import DEFAULT_RULES
 from flux_jax.weights.safetensors_file import SafetensorsFile
 
 # Our exports record the training run's summary here (JSON), so a converted file keeps it.

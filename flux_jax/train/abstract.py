@@ -19,10 +19,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from flux_jax.axes import Rules
 from flux_jax.model.config import FluxConfig
 from flux_jax.optim import build_optimizer
 from flux_jax.run_config import RunConfig
-from flux_jax.sharding import Rules, state_shardings, use_mesh
+from flux_jax.sharding import state_shardings, use_mesh
 from flux_jax.train import build
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import TrainState, abstract_like, replicated

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax.axes import Rules
 from flux_jax.dtypes import DTYPES, storage_dtype
 from flux_jax.lora import LoRADropoutKey, LoRAMask, apply_lora, set_lora_training
 from flux_jax.model.config import FluxConfig, preset
 from flux_jax.model.flux import Flux
 from flux_jax.run_config import LoraConfig, ModelConfig
-from flux_jax.sharding import Rules, state_shardings
+from flux_jax.sharding import state_shardings
 
 log = logging.getLogger(__name__)
 

@@ -153,28 +153,3 @@ def _progress_bar(total: int, desc: str, *, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=True)
-
-
-# -- LoRA files ---------------------------------------------------------------------------------------------------
-
-LORA_KEY_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora_unet_", ".processor.qkv_lora", ".alpha")
-
-
-def looks_like_lora(keys) -> bool:
-    """True for LoRA files (kohya, PEFT/diffusers, BFL-named lora_A/B, XLabs): they go to `flux_jax.lora_io`."""
-    return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
-
-
-def convert_lora(src: pathlib.Path, dst: pathlib.Path, *, fmt: str | None, dtype: str | None, force: bool) -> int:
-    """Hand a LoRA file to `flux_jax.lora_io.convert_lora_file(src, dst, format, dtype, force)` when it exists."""
-    import importlib
-
-    try:
-        lora_io = importlib.import_module("flux_jax.lora_io")
-    except ImportError:
-        lora_io = None
-    fn = getattr(lora_io, "convert_lora_file", None)
-    if fn is None:
-        raise FluxJaxError(f"{src}: is a LoRA file; LoRA file conversion not available in this flux-jax")
-    result = fn(src, dst, fmt, dtype, force)
-    return 0 if result is None else int(result) if isinstance(result, int) else 0

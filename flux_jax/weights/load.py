@@ -20,11 +20,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.dtypes import compute_dtype_for, storage_dtype
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
-from flux_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from flux_jax.sharding import state_shardings
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
 from flux_jax.weights.fp8 import cast
@@ -108,10 +109,8 @@ def load_flux(
     rules: Rules = DEFAULT_RULES,
     attention: str = "xla",
     remat: str = "none",
-    lora: str | os.PathLike | None = None,
-    lora_scale: float = 1.0,
 ) -> Flux:
-    """Load a Flux transformer, optionally with a LoRA file applied as adapters.
+    """Load a Flux transformer (the base weights only; ``flux_jax.load_flux`` also attaches a LoRA file).
 
     path: a diffusers transformer directory (config.json + sharded or single safetensors), a diffusers single
       file, a BFL single file (incl. ComfyUI's `model.diffusion_model.` prefix; fp32 / bf16 / fp16 / fp8 /
@@ -119,9 +118,6 @@ def load_flux(
     dtype: parameter storage dtype (fp32, bf16, fp16, or float8_e4m3fn for a frozen base's kernels).
     compute_dtype: activation dtype; defaults to dtype (bf16 when dtype is fp8).
     mesh / rules: where parameters go; each device shard is read straight from the file. Default: one device.
-    lora / lora_scale: a LoRA file in any supported format (kohya, kohya split_qkv, diffusers/PEFT, ComfyUI,
-      XLabs); it is attached as adapters (not merged), its strength multiplied by lora_scale. Keys that match no
-      Flux layer are an error listing them.
     """
     if compute_dtype is None:
         compute_dtype = compute_dtype_for(dtype)
@@ -129,10 +125,6 @@ def load_flux(
         model = load_from_checkpoint(
             ckpt, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules, attention=attention, remat=remat
         )
-    if lora is not None:
-        from flux_jax.lora_io.import_ import apply_lora_file
-
-        apply_lora_file(model, lora, scale=lora_scale, mesh=mesh, rules=rules)
     return model
 
 

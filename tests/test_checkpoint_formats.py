@@ -25,8 +25,9 @@ from flux_jax.sharding import logical_to_spec, make_mesh, state_shardings
 from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.convert import convert_checkpoint
 from flux_jax.weights.flax_checkpoint import META_FILE, write_flax_checkpoint
+from flux_jax.weights.flax_layout import abstract_model, flax_sources
 from flux_jax.weights.fp8 import cast
-from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
+from flux_jax.weights.load import load_state_into
 from flux_jax.weights.writers import write_flux_bfl, write_flux_diffusers
 from tests.helpers.checkpoint_files import (
     FP8,
@@ -446,7 +447,7 @@ def test_file_reads_release_their_pages(tmp_path):
     smaps = pathlib.Path("/proc/self/smaps")
     if not smaps.exists():
         pytest.skip("needs /proc/self/smaps")
-    from flux_jax.weights.checkpoint import FileTensor
+    from flux_jax.weights.handle import FileTensor
     from flux_jax.weights.safetensors_file import SafetensorsFile
 
     path = tmp_path / "big.safetensors"

@@ -105,7 +105,8 @@ def test_apply_places_adapters_on_the_mesh(setup, tmp_path):
 
     from flux_jax.axes import DEFAULT_RULES
     from flux_jax.sharding import make_mesh
-    from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
+    from flux_jax.weights.flax_layout import abstract_model, flax_sources
+    from flux_jax.weights.load import load_state_into
     from tests.helpers.lora_reference import bfl_from_diffusers_state
 
     cfg = setup["cfg"]

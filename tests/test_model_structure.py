@@ -14,7 +14,7 @@ from flax import nnx
 from flux_jax import Flux, configure, preset
 from flux_jax.model.attention import attention
 from flux_jax.weights import flux_keys
-from flux_jax.weights.load import abstract_model, flax_sources
+from flux_jax.weights.flax_layout import abstract_model, flax_sources
 from flux_jax.weights.sources import ArraySource
 from tests.helpers.torch_reference import forward_inputs, jax_forward
 

@@ -1,8 +1,8 @@
 """A run directory in a bucket: `output_dir=gs://...` trains, checkpoints, resumes and exports through GCS.
 
 No network here, so the bucket is an in-memory GCS JSON API on localhost (tests/helpers/fake_gcs.py); orbax's
-tensorstore (TENSORSTORE_GCS_HTTP_URL) and epath's gcsfs backend (STORAGE_EMULATOR_HOST) both talk to it. The code under test
-is the real gs:// path of orbax, epath and flux_jax: only the server is local.
+tensorstore (TENSORSTORE_GCS_HTTP_URL) and epath's gcsfs backend (STORAGE_EMULATOR_HOST) both talk to it. The code
+under test is the real gs:// path of orbax, epath and flux_jax: only the server is local.
 """
 
 from __future__ import annotations

@@ -7,107 +7,34 @@ Flax checkpoint directory written by `flux_jax.weights.flax_checkpoint`. The lay
 config is read from `config.json` / our metadata or inferred from tensor shapes (dev vs schnell from the presence of
 the guidance embedder). Everything is validated against the key table before a byte of data is read.
 
-Tensor data is read through `FileTensor`: a slice is copied out of a read-only memory map and the map's pages are
-handed back to the kernel right away (`madvise(MADV_DONTNEED)`), so reading a 24 GB checkpoint does not leave
-24 GB of file pages counted in the process's resident set; the page cache still serves repeated reads.
+The opened checkpoint is a `flux_jax.weights.handle.FluxCheckpoint`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
 import json
 import math
 import os
 import pathlib
 import re
-from collections.abc import Iterator, Mapping
-from typing import Literal, Protocol
+from collections.abc import Mapping
 
 import numpy as np
 
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_from_metadata
-from flux_jax.weights import flux_keys
+from flux_jax.weights import flax_checkpoint, flux_keys
 from flux_jax.weights.fp8 import FLOAT_DTYPES, dequantize
-from flux_jax.weights.safetensors_file import SafetensorsFile, TensorInfo
-from flux_jax.weights.sources import Index, Mapped, RowConcat, Source, swap_halves
-
-Layout = Literal["bfl", "diffusers", "flax"]
+from flux_jax.weights.handle import FileTensor, FluxCheckpoint, Layout, short, validate_keys
+from flux_jax.weights.safetensors_file import SafetensorsFile
+from flux_jax.weights.sources import Mapped, RowConcat, Source, swap_halves
 
 BFL_MARKER = "double_blocks.0.img_attn.norm.key_norm.scale"
 DIFFUSERS_MARKER = "transformer_blocks.0.attn.norm_added_k.weight"
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
-
-
-class _Closeable(Protocol):
-    def close(self) -> None: ...
-
-
-@dataclasses.dataclass
-class FluxCheckpoint:
-    """A validated checkpoint: its config and one lazy source per BFL tensor key (PyTorch layout, per layer).
-
-    stored_dtype: the dtype holding most of the bytes (what "keep the dtype" means for a conversion).
-    scaled_layers: layers whose scaled-fp8 weights are dequantised on read (empty for everything else).
-    """
-
-    path: pathlib.Path
-    layout: Layout
-    config: FluxConfig
-    tensors: dict[str, Source]
-    files: list[_Closeable]
-    stored_dtype: np.dtype | None = None
-    scaled_layers: tuple[str, ...] = ()
-    # Flax checkpoints only: one source per Flax leaf (already stacked / transposed), keyed by its state path.
-    flax_leaves: dict[tuple, Source] | None = None
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> FluxCheckpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class FileTensor:
-    """A tensor of a safetensors file whose reads are copies, with the touched pages released after each read."""
-
-    def __init__(self, file: SafetensorsFile, info: TensorInfo):
-        self.file, self.info = file, info
-        self.shape = tuple(info.shape)
-        self.dtype = info.dtype
-
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[np.ndarray]:
-        """Zero-copy read-only view of the whole tensor, valid inside the block; its pages are released after.
-
-        For converters that cast straight out of the map (one copy fewer than `read`); the view must not escape.
-        """
-        view = self.file.array(self.info.name)
-        try:
-            yield view
-        finally:
-            del view
-            self.file.release(self.info.start, self.info.end)
-
-    def read(self, index: Index) -> np.ndarray:
-        info = self.info
-        view = self.file.array(info.name)
-        out = np.array(view[index], copy=True)
-        del view
-        if self.shape and self.shape[0]:
-            row = info.nbytes // self.shape[0]
-            self.file.release(info.start + index[0].start * row, info.start + index[0].stop * row)
-        else:
-            self.file.release(info.start, info.end)
-        return out
 
 
 def _open_file(path: pathlib.Path) -> SafetensorsFile:
@@ -151,34 +78,8 @@ def _collect(
     if weight_map is not None:
         lost = sorted(k for k in weight_map if k not in out)
         if lost:
-            raise CheckpointError(f"index lists tensors that are in no shard file: {_short(lost)}")
+            raise CheckpointError(f"index lists tensors that are in no shard file: {short(lost)}")
     return out
-
-
-def _short(items, limit: int = 20) -> str:
-    items = list(items)
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(str(i) for i in items[:limit]) + more
-
-
-def validate_keys(where: str, found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k} {tuple(found[k])} (expected {tuple(expected[k])})"
-        for k in expected
-        if k in found and tuple(found[k]) != tuple(expected[k])
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_short(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {_short(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {_short(wrong)}")
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
 def detect_layout(keys: list[str], where: str) -> tuple[Layout, str]:
@@ -252,8 +153,6 @@ def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    from flux_jax.weights import flax_checkpoint  # imports this module
-
     if flax_checkpoint.is_flax_checkpoint(path):
         return flax_checkpoint.open_flax_checkpoint(path, config=config)
     files: list[SafetensorsFile] = []

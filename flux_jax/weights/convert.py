@@ -21,9 +21,10 @@ from flux_jax.atomic import OutputExistsError
 from flux_jax.dtypes import DTYPES, parse_dtype, storage_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.model.config import FluxConfig
-from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
+from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.flax_checkpoint import write_flax_checkpoint
-from flux_jax.weights.load import flax_layer_sources
+from flux_jax.weights.flax_layout import flax_layer_sources
+from flux_jax.weights.handle import FluxCheckpoint
 from flux_jax.weights.writers import DEFAULT_SHARD_BYTES, output_bytes, write_flux_bfl, write_flux_diffusers
 
 OutputLayout = Literal["flax", "bfl", "diffusers"]

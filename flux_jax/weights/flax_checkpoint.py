@@ -44,16 +44,15 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
-from flax import nnx
 
 from flux_jax.atomic import atomic_dir
 from flux_jax.dtypes import storage_dtype
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
-from flux_jax.weights.checkpoint import FileTensor, FluxCheckpoint, validate_keys
+from flux_jax.weights.flax_layout import StatePath, expected_leaves, flax_layer_sources
 from flux_jax.weights.fp8 import cast
-from flux_jax.weights.load import abstract_model, flax_layer_sources
+from flux_jax.weights.handle import FileTensor, FluxCheckpoint, validate_keys
 from flux_jax.weights.sources import Index, Source, Transposed
 
 META_FILE = "flux_jax.json"
@@ -66,9 +65,6 @@ CHUNK_BYTES = 64 * 2**20
 # At most this many layer writes in flight: the next layer is read and cast while the previous one is written.
 WRITES_IN_FLIGHT = 2
 
-StatePath = tuple[str | int, ...]
-
-
 def is_flax_checkpoint(path: pathlib.Path) -> bool:
     return path.is_dir() and (path / META_FILE).exists()
 
@@ -76,14 +72,6 @@ def is_flax_checkpoint(path: pathlib.Path) -> bool:
 def leaf_name(path: StatePath) -> str:
     """orbax's name for a leaf: its key path joined with "." (the zarr directory name)."""
     return ".".join(str(p) for p in path)
-
-
-def expected_leaves(cfg: FluxConfig, dtype) -> dict[StatePath, tuple[tuple[int, ...], np.dtype]]:
-    """(shape, stored dtype) of every parameter leaf of the model, from its abstract (shape-only) build."""
-    return {
-        path: (tuple(var.get_value().shape), storage_dtype(path, dtype))
-        for path, var in nnx.state(abstract_model(cfg)).flat_state()
-    }
 
 
 # -- writing ------------------------------------------------------------------------------------------------------

@@ -26,35 +26,11 @@ from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
 from flux_jax.sharding import state_shardings
-from flux_jax.weights import flux_keys
-from flux_jax.weights.checkpoint import FluxCheckpoint, open_checkpoint
+from flux_jax.weights.checkpoint import open_checkpoint
+from flux_jax.weights.flax_layout import abstract_model, flax_sources
 from flux_jax.weights.fp8 import cast
-from flux_jax.weights.sources import Source, Stacked, Transposed, normalize_index
-
-
-def abstract_model(cfg: FluxConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, **kw) -> Flux:
-    """The model with ShapeDtypeStructs instead of arrays: free to build even at 12B parameters."""
-    return nnx.eval_shape(lambda: Flux(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, **kw))
-
-
-def flax_layer_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, tuple[bool, list[Source]]]:
-    """Per Flax leaf: (stacked?, its per-layer sources in the Flax layout: kernels transposed to [in, out])."""
-    out: dict[tuple, tuple[bool, list[Source]]] = {}
-    for path, entry, suffix in flux_keys.flax_leaves(cfg):
-        per_layer = []
-        for i in flux_keys.layer_indices(cfg, entry):
-            src = bfl[f"{flux_keys.fill(entry.bfl, i)}.{suffix}"]
-            per_layer.append(Transposed(src) if suffix == "weight" else src)
-        out[path] = (entry.stack is not None, per_layer)
-    return out
-
-
-def flax_sources(cfg: FluxConfig, bfl: dict[str, Source]) -> dict[tuple, Source]:
-    """One lazy source per Flax leaf, in the Flax layout (kernels transposed, blocks stacked)."""
-    return {
-        path: Stacked(layers) if stacked else layers[0]
-        for path, (stacked, layers) in flax_layer_sources(cfg, bfl).items()
-    }
+from flux_jax.weights.handle import FluxCheckpoint
+from flux_jax.weights.sources import Source, normalize_index
 
 
 def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:

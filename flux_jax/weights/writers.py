@@ -24,8 +24,9 @@ from flux_jax.errors import FluxJaxError
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
 from flux_jax.model.flux import Flux
 from flux_jax.weights import flux_keys
-from flux_jax.weights.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, FluxCheckpoint
+from flux_jax.weights.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS
 from flux_jax.weights.fp8 import cast
+from flux_jax.weights.handle import FluxCheckpoint
 from flux_jax.weights.safetensors_file import write_safetensors
 from flux_jax.weights.sources import Index, RowSlice, Source, Transposed, read_all, swap_halves
 

@@ -20,7 +20,8 @@ from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import bfl_from_diffusers
-from flux_jax.weights.load import abstract_model, flax_sources, load_state_into
+from flux_jax.weights.flax_layout import abstract_model, flax_sources
+from flux_jax.weights.load import load_state_into
 from flux_jax.weights.sources import ArraySource, read_all
 from tests.helpers.torch_reference import diffusers_flux, diffusers_forward, forward_inputs, tiny_config
 

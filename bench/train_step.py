@@ -33,14 +33,14 @@ from flux_jax.axes import DEFAULT_RULES  # noqa: E402
 from flux_jax.hardware import peak_flops  # noqa: E402
 from flux_jax.model.config import preset  # noqa: E402
 from flux_jax.model.flux import configure  # noqa: E402
-from flux_jax.optim import build_optimizer  # noqa: E402
+from flux_jax.model.latents import image_ids  # noqa: E402
 from flux_jax.run_config import LoraConfig, ModelConfig, OptimConfig  # noqa: E402
 from flux_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from flux_jax.train import build  # noqa: E402
-from flux_jax.train.data import img_ids  # noqa: E402
 from flux_jax.train.metrics import useful_flops_per_sample  # noqa: E402
 from flux_jax.train.objective import Objective  # noqa: E402
-from flux_jax.train.state import abstract_like, init_train_state  # noqa: E402
+from flux_jax.train.optim import build_optimizer  # noqa: E402
+from flux_jax.train.state import abstract_like, flat_params, init_train_state, split_trainable  # noqa: E402
 from flux_jax.train.step import StepCompiler, memory_summary  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def random_batch(cfg, *, batch: int, resolution: int, txt_len: int, sharding, se
         "latents": rng.standard_normal((1, batch, grid * grid, cfg.in_channels), np.float32).astype(bf16),
         "t5": rng.standard_normal((1, batch, txt_len, cfg.context_in_dim), np.float32).astype(bf16),
         "clip": rng.standard_normal((1, batch, cfg.vec_in_dim), np.float32).astype(bf16),
-        "img_ids": np.broadcast_to(img_ids(grid, grid), (1, batch, grid * grid, 3)).copy(),
+        "img_ids": np.broadcast_to(image_ids(grid, grid), (1, batch, grid * grid, 3)).copy(),
     }
     return {k: jax.device_put(v, sharding) for k, v in host.items()}
 
@@ -82,7 +82,7 @@ def time_step(args, arch, compiler, frozen, lora_state, tx, mesh, rules, res: in
     """Compile the step for ``res``, run warmup + timed steps from a fresh state; the measurements."""
     device = mesh.devices.flat[0]
     # A copy: the step donates the state, and the model keeps its own LoRA arrays for the next configuration.
-    lora = {k: jnp.copy(v) for k, v in build.flat_params(lora_state).items()}
+    lora = {k: jnp.copy(v) for k, v in flat_params(lora_state).items()}
     state, shardings = init_train_state(lora, tx, seed=0, ema=False, mesh=mesh)
     batch = random_batch(arch, batch=args.batch, resolution=res, txt_len=args.txt_len,
                          sharding=compiler.batch_sharding)  # fmt: skip
@@ -133,8 +133,8 @@ def main(argv=None) -> list[dict]:
     with use_mesh(mesh, rules):
         model, adapted = build.build_model(model_cfg, lora_cfg, mesh=mesh, rules=rules, architecture=arch)
         jax.block_until_ready(nnx.state(model))
-    n_base = sum(x.size for x in jax.tree.leaves(build.split_trainable(model)[2]))
-    n_lora = sum(x.size for x in jax.tree.leaves(build.split_trainable(model)[1]))
+    n_base = sum(x.size for x in jax.tree.leaves(split_trainable(model)[2]))
+    n_lora = sum(x.size for x in jax.tree.leaves(split_trainable(model)[1]))
     print(f"device {device.device_kind} x{mesh.size}; {arch.depth}+{arch.depth_single_blocks} blocks, "
           f"hidden {arch.hidden_size}; base {n_base / 1e9:.3f}B params ({args.base_dtype}), LoRA {n_lora / 1e6:.2f}M "
           f"on {len(adapted)} linears; built in {time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
@@ -143,9 +143,9 @@ def main(argv=None) -> list[dict]:
     results = []
     for remat in args.remat:
         configure(model, remat=remat)
-        graphdef, lora_state, frozen = build.split_trainable(model)
+        graphdef, lora_state, frozen = split_trainable(model)
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
-        _, shardings = init_train_state(build.flat_params(lora_state), tx, seed=0, ema=False, mesh=mesh)
+        _, shardings = init_train_state(flat_params(lora_state), tx, seed=0, ema=False, mesh=mesh)
         compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings,
                                 tx=tx, objective=objective, ema_decay=None, mesh=mesh)  # fmt: skip
         for res in args.resolution:

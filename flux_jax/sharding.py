@@ -63,9 +63,12 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None =
     return Mesh(grid, MESH_AXES)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Input batches: the leading (batch) dim is split over data and fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+    """Input batches: dim ``batch_dim`` (the examples) is split over data and fsdp, every other dim replicated.
+
+    The encoders take [batch, ...]; the train step takes [micro-batch, rows, ...] (``batch_dim=1``: each
+    micro-batch is spread over the mesh and gradient accumulation scans over the leading dim)."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_dim), ("data", "fsdp")))
 
 
 # --------------------------------------------------------------------------------------------------

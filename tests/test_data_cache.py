@@ -132,7 +132,7 @@ def test_cache_layout_index_and_report(reference: Path) -> None:
         assert len({r["latents"].tobytes() for r in rs}) == 4  # two crops x mirrored: four different latents
     # The trainer's ExampleSource protocol.
     ex = reader.read(0)
-    assert reader.bucket(0) == (ex.height, ex.width, 16) == ex.bucket
+    assert reader.batch_shape(0) == (ex.height, ex.width, 16) == ex.batch_shape
     assert ex.caption.startswith(("a photo of a cat", "a red house"))
     report = json.loads((reference / "report.json").read_text())
     assert report == {"total": 6, "used": 6, "skipped": {}, "converted": {}}

@@ -17,13 +17,11 @@ from flux_jax.encoders.vae import (
     detect_vae_layout,
     export_vae,
     infer_vae_config,
-    latent_image_ids,
     load_vae,
     normalize_latents,
-    pack_latents,
-    unpack_latents,
 )
 from flux_jax.errors import CheckpointError
+from flux_jax.model.latents import latent_image_ids, pack_latents, unpack_latents
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

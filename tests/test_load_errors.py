@@ -93,9 +93,9 @@ def test_load_flux_applies_a_lora_file(tmp_path, good_dir, fmt):
     import jax
     from flax import nnx
 
-    from flux_jax.lora import apply_lora
     from flux_jax.lora_io.adapters import lora_weights_from_model
     from flux_jax.lora_io.export import write_lora_file
+    from flux_jax.model.lora import apply_lora
     from tests.helpers.torch_reference import forward_inputs, jax_forward
 
     model = load_flux(good_dir)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from flux_jax.lora import remove_lora
 from flux_jax.lora_io.adapters import lora_weights_from_model
 from flux_jax.lora_io.export import convert_lora_file, write_lora_file
 from flux_jax.lora_io.import_ import apply_lora_file, read_lora_file
+from flux_jax.model.lora import remove_lora
 from flux_jax.weights.safetensors_file import SafetensorsFile
 from tests.helpers.lora_reference import (
     FULL_WIDTH,

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from flux_jax.errors import CheckpointError
-from flux_jax.lora import remove_lora
 from flux_jax.lora_io.adapters import apply_lora_weights, lora_weights_from_model
 from flux_jax.lora_io.export import convert_lora_file, write_lora_file
 from flux_jax.lora_io.formats import FORMATS
 from flux_jax.lora_io.import_ import apply_lora_file, load_lora_file, read_lora_file
 from flux_jax.lora_io.weights import LoraWeights
+from flux_jax.model.lora import remove_lora
 from flux_jax.weights.safetensors_file import save_file
 from tests.helpers.lora_reference import (
     diffusers_lora_forward,

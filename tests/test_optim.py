@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from flux_jax.errors import ConfigError
-from flux_jax.optim import build_optimizer, build_schedule
 from flux_jax.run_config import OptimConfig
+from flux_jax.train.optim import build_optimizer, build_schedule
 
 
 def lrs(cfg: OptimConfig, total: int, steps: list[int]) -> np.ndarray:

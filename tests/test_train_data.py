@@ -8,19 +8,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from flux_jax.errors import DataError
-from flux_jax.hardware import peak_flops
-from flux_jax.model.config import preset
-from flux_jax.train.data import (
+from flux_jax.data.examples import (
     INDEX_NAME,
     BatchIterator,
     CachedExamples,
     Example,
     InMemoryExamples,
-    img_ids,
     synthetic_examples,
     write_cached_examples,
 )
+from flux_jax.errors import DataError
+from flux_jax.hardware import peak_flops
+from flux_jax.model.config import preset
+from flux_jax.model.latents import image_ids
 from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.step import micro_batches
 
@@ -50,7 +50,7 @@ def test_cached_examples_round_trip(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == [INDEX_NAME, "shard-00000.safetensors", "shard-00001.safetensors"]
     ds = CachedExamples(path)
     assert len(ds) == 6
-    assert [ds.bucket(i) for i in range(6)] == [(2, 3, 4)] * 5 + [(3, 3, 6)]
+    assert [ds.batch_shape(i) for i in range(6)] == [(2, 3, 4)] * 5 + [(3, 3, 6)]
     for i, want in enumerate(examples):
         got = ds.read(i)
         assert got.latents.dtype == BF16 and got.clip.dtype == np.float32
@@ -122,7 +122,7 @@ def test_epochs_are_deterministic_bucketed_and_never_repeat():
     # 11 -> 2 full batches, 7 -> 1 full batch; remainders dropped for this epoch only.
     assert len(plan0) == 3
     for batch in plan0:
-        assert len({source.bucket(i) for i in batch}) == 1
+        assert len({source.batch_shape(i) for i in batch}) == 1
     flat = [i for b in plan0 for i in b]
     assert len(flat) == len(set(flat))
     assert plan0 == BatchIterator(source, batch_size=4, seed=3).plan(0)  # same seed, same plan
@@ -183,9 +183,9 @@ def test_collated_batch_and_micro_batches():
     h, w = examples[indices_of(batch, examples)[0]].height, examples[indices_of(batch, examples)[0]].width
     assert batch["latents"].shape == (4, h * w, 64) and batch["t5"].shape == (4, 4, 8)
     assert batch["clip"].shape == (4, 5) and batch["img_ids"].shape == (4, h * w, 3)
-    np.testing.assert_array_equal(batch["img_ids"][1], img_ids(h, w))
+    np.testing.assert_array_equal(batch["img_ids"][1], image_ids(h, w))
     # (0, row, col) per token, row-major like BFL's prepare().
-    np.testing.assert_array_equal(img_ids(2, 3)[4], [0, 1, 1])
+    np.testing.assert_array_equal(image_ids(2, 3)[4], [0, 1, 1])
     split = micro_batches({**batch, "extra": np.zeros(4)}, 2)
     assert set(split) == {"latents", "t5", "clip", "img_ids"}
     assert split["latents"].shape == (2, 2, h * w, 64)
@@ -198,7 +198,7 @@ def test_synthetic_examples_fit_the_model_and_are_deterministic():
     cfg = preset("tiny")
     kw = dict(in_channels=cfg.in_channels, context_dim=cfg.context_in_dim, vec_dim=cfg.vec_in_dim, resolution=64)
     a, b = synthetic_examples(**kw), synthetic_examples(**kw)
-    assert len(a) == 16 and a.bucket(0) == (4, 4, 8)
+    assert len(a) == 16 and a.batch_shape(0) == (4, 4, 8)
     first = a.read(0)
     assert first.latents.shape == (16, 64) and first.t5.shape == (8, 48) and first.clip.shape == (32,)
     assert first.latents.dtype == np.float32

@@ -14,12 +14,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from flux_jax.data.examples import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.model.config import preset
 from flux_jax.run_config import load_config
 from flux_jax.train.build import BASE_PARAMS, flat_params, split_trainable
 from flux_jax.train.checkpointing import read_lora_weights
-from flux_jax.train.data import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
 from flux_jax.train.loop import TrainingDivergedError, setup, train
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.step import eval_loss

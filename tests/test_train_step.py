@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flux_jax.lora import apply_lora, set_lora_training
 from flux_jax.model.layers import Linear
-from flux_jax.optim import build_optimizer
+from flux_jax.model.lora import apply_lora, set_lora_training
 from flux_jax.run_config import OptimConfig
 from flux_jax.sharding import make_mesh
-from flux_jax.train import build
 from flux_jax.train.objective import Objective
-from flux_jax.train.state import abstract_like, init_train_state
+from flux_jax.train.optim import build_optimizer
+from flux_jax.train.state import abstract_like, flat_params, init_train_state, split_trainable
 from flux_jax.train.step import StepCompiler, eval_loss, memory_summary
 from tests.helpers.compile_cache import persistent_compile_cache
 
@@ -44,10 +43,10 @@ def toy_step(*, ema_decay=None, clip_norm=1.0, dropout=0.0):
     model = Toy(nnx.Rngs(0))
     apply_lora(model, rank=2, alpha=4.0, targets="proj", rngs=nnx.Rngs(1), dropout=dropout)
     set_lora_training(model, True)
-    graphdef, lora_state, frozen = build.split_trainable(model)
+    graphdef, lora_state, frozen = split_trainable(model)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
     tx = build_optimizer(OptimConfig(lr=0.05, clip_norm=clip_norm), 100)
-    lora = {k: jnp.copy(v) for k, v in build.flat_params(lora_state).items()}
+    lora = {k: jnp.copy(v) for k, v in flat_params(lora_state).items()}
     state, shardings = init_train_state(lora, tx, seed=7, ema=ema_decay is not None, mesh=mesh)
     objective = Objective(timestep_sampling="logit_normal", guidance=1.0)
     compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,

@@ -4,10 +4,11 @@ or merged into a base checkpoint."""
 from __future__ import annotations
 
 import argparse
-import pathlib
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.storage import is_local_file
+from flux_jax.lora_io.merge import merge_lora
+from flux_jax.train.lora_sources import export_lora, read_lora
+from flux_jax.weights.checkpoint import open_checkpoint
 
 HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a base checkpoint"
 
@@ -35,10 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flux_jax.lora_io.export import export_lora, read_run
-    from flux_jax.lora_io.import_ import read_lora_file
-    from flux_jax.lora_io.merge import merge_lora
-
     src = args.src  # a path, or a run directory in a bucket (gs://)
     if args.merge_into is None:
         if args.format is None:
@@ -48,14 +45,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.format is not None:
         raise FluxJaxError("--format does not apply to --merge-into (the output is a checkpoint; see --layout)")
-    if is_local_file(src):
-        from flux_jax.weights.checkpoint import open_checkpoint
-
-        with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes the LoRA's shapes
-            config = base.config
-        weights = read_lora_file(pathlib.Path(src), config).weights
-    else:
-        weights = read_run(src, args.step, args.ema)[0]
+    with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes a LoRA file's shapes
+        config = base.config
+    weights = read_lora(src, config=config, step=args.step, ema=args.ema).weights
     out = merge_lora(
         args.merge_into, weights, args.out, layout=args.layout, dtype=args.dtype, strength=args.strength,
         force=args.force,

@@ -19,9 +19,7 @@ import numpy as np
 from PIL import Image
 
 from flux_jax.data.images import TOO_SMALL, BadExample
-
-# Pixels per packed latent token along each axis: the VAE downsamples by 8, then 2x2 patches are packed.
-PIXELS_PER_TOKEN = 16
+from flux_jax.model.latents import PIXELS_PER_TOKEN
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -12,16 +12,16 @@ import numpy as np
 
 from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
+from flux_jax.data.examples import BatchShape, Example
 from flux_jax.errors import DataError
-from flux_jax.train.data import Example as CachedExample  # one example type for both data sources
 from flux_jax.weights.safetensors_file import SafetensorsFile
 
 
 class LatentCacheReader:
     """A complete cache: random access to records plus the per-record index, without reading tensors.
 
-    Also satisfies the trainer's ``ExampleSource`` protocol (``__len__``, ``bucket(i)``, ``read(i)``,
-    ``describe()``) so `flux_jax.train.data.BatchIterator` can read it directly.
+    Also satisfies the trainer's ``ExampleSource`` protocol (``__len__``, ``batch_shape(i)``, ``read(i)``,
+    ``describe()``) so `flux_jax.data.examples.BatchIterator` can read it directly.
     """
 
     def __init__(self, cache_dir: str | os.PathLike):
@@ -61,15 +61,15 @@ class LatentCacheReader:
     def read_many(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return list(self.data.__getitems__([int(i) for i in indices]))
 
-    def bucket(self, index: int) -> tuple[int, int, int]:
-        """(token height, token width, text length): the trainer's bucket key."""
+    def batch_shape(self, index: int) -> BatchShape:
+        """(token height, token width, text length): what groups records into batches."""
         gh, gw = self.buckets[self.record_bucket[index]].tokens
-        return gh, gw, int(self.shapes["t5_length"])
+        return BatchShape(gh, gw, int(self.shapes["t5_length"]))
 
-    def read(self, index: int) -> CachedExample:
+    def read(self, index: int) -> Example:
         r = self.data[int(index)]
         caption = r["caption"].decode("utf-8") if isinstance(r["caption"], bytes) else str(r["caption"])
-        return CachedExample(r["latents"], r["t5"], r["clip"], int(r["height"]), int(r["width"]), caption)
+        return Example(r["latents"], r["t5"], r["clip"], int(r["height"]), int(r["width"]), caption)
 
     def describe(self) -> str:
         return f"latent cache {self.path} ({len(self)} records, buckets {', '.join(map(str, self.buckets))})"

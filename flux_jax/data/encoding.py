@@ -28,8 +28,9 @@ from flux_jax.dtypes import dtype_name, parse_dtype
 from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel, load_clip
 from flux_jax.encoders.t5 import T5Config, T5Encoder, load_t5
 from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
-from flux_jax.encoders.vae import AutoEncoder, VAEConfig, load_vae, normalize_latents, pack_latents
+from flux_jax.encoders.vae import AutoEncoder, VAEConfig, load_vae, normalize_latents
 from flux_jax.errors import CheckpointError, FluxJaxError
+from flux_jax.model.latents import pack_latents
 from flux_jax.sharding import batch_sharding, state_shardings
 from flux_jax.weights.safetensors_file import SafetensorsFile
 

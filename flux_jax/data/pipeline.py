@@ -31,6 +31,7 @@ import numpy as np
 from flux_jax.data.cache import resolve_cache_dir
 from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.errors import DataError
+from flux_jax.model.latents import image_ids
 
 STATE_VERSION = 1
 _NO_END = 2**62  # grain's MapDataset needs a length; training stops by step count, not by running out
@@ -182,7 +183,7 @@ class TrainIterator:
         clip = np.stack([e["clip"] for e in examples])
         t5[drops] = self.cache.empty_t5
         clip[drops] = self.cache.empty_clip
-        ids = _img_ids(gh, gw)
+        ids = image_ids(gh, gw)
         return {
             "latents": np.stack([e["latents"] for e in examples]),
             "t5": t5,
@@ -232,14 +233,6 @@ class TrainIterator:
     def epoch(self) -> int:
         """The epoch of the next batch."""
         return self.get_state()["next_batch"] // self.batches_per_epoch
-
-
-def _img_ids(height: int, width: int) -> np.ndarray:
-    """BFL image position ids [height * width, 3] for a token grid: (0, row, col), row-major."""
-    ids = np.zeros((height, width, 3), np.float32)
-    ids[..., 1] = np.arange(height, dtype=np.float32)[:, None]
-    ids[..., 2] = np.arange(width, dtype=np.float32)[None, :]
-    return ids.reshape(height * width, 3)
 
 
 def make_train_iterator(cfg: Any, *, process_index: int, process_count: int, batch_size_per_host: int) -> TrainIterator:

@@ -364,45 +364,6 @@ def denormalize_latents(z: jax.Array, config: VAEConfig = VAEConfig()) -> jax.Ar
     return z / config.scaling_factor + config.shift_factor
 
 
-def pack_latents(z: jax.Array, *, channels_last: bool = True) -> jax.Array:
-    """[B, h, w, C] (or [B, C, h, w] with channels_last=False) -> [B, (h/2)(w/2), 4C].
-
-    Tokens are the 2x2 patches in row-major order; feature index = c*4 + ph*2 + pw, exactly
-    diffusers `FluxPipeline._pack_latents` / BFL's `b c (h ph) (w pw) -> b (h w) (c ph pw)`.
-    """
-    if not channels_last:
-        z = jnp.moveaxis(z, 1, -1)
-    b, h, w, c = z.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height and width must be even, got {h}x{w}")
-    z = z.reshape(b, h // 2, 2, w // 2, 2, c)
-    z = z.transpose(0, 1, 3, 5, 2, 4)  # [B, h/2, w/2, C, ph, pw]
-    return z.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: jax.Array, h: int, w: int, *, channels_last: bool = True) -> jax.Array:
-    """Inverse of `pack_latents`; h and w are the latent (not token-grid) height and width."""
-    b, n, f = tokens.shape
-    if h % 2 or w % 2 or n != (h // 2) * (w // 2) or f % 4:
-        raise ValueError(f"cannot unpack {tokens.shape} into a {h}x{w} latent")
-    c = f // 4
-    z = tokens.reshape(b, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, h, w, c)
-    return z if channels_last else jnp.moveaxis(z, -1, 1)
-
-
-def latent_image_ids(h: int, w: int) -> np.ndarray:
-    """Position ids [(h/2)(w/2), 3] float32 for a latent of height h, width w (before packing).
-
-    Channel 0 is 0 (the image/reference index), channel 1 the token row, channel 2 the token
-    column; rows are in `pack_latents` token order.
-    """
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height and width must be even, got {h}x{w}")
-    rows, cols = np.meshgrid(np.arange(h // 2), np.arange(w // 2), indexing="ij")
-    ids = np.stack([np.zeros_like(rows), rows, cols], axis=-1)
-    return ids.reshape(-1, 3).astype(np.float32)
-
-
 # --------------------------------------------------------------------------------------------------
 # Checkpoint key tables
 

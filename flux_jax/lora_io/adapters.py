@@ -1,4 +1,4 @@
-"""`LoraWeights` <-> the adapters attached to a Flax Flux model (`flux_jax.lora`).
+"""`LoraWeights` <-> the adapters attached to a Flax Flux model (`flux_jax.model.lora`).
 
 The model keeps one adapter per Linear, stacked over the blocks of a scanned stack ([L, in, r] / [L, r, out]) with
 one rank and alpha and a per-layer mask; files keep one LoRA per BFL module and block. Reading gives one entry per
@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flux_jax.axes import DEFAULT_RULES, Rules
-from flux_jax.lora import apply_lora, linear_modules, lora_modules
 from flux_jax.lora_io.weights import LINEAR_ENTRIES, LoraWeights, parse_module, validate
+from flux_jax.model.lora import apply_lora, linear_modules, lora_modules
 from flux_jax.sharding import state_shardings
 from flux_jax.weights import flux_keys
 

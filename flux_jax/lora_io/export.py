@@ -1,4 +1,4 @@
-"""Write LoRAs for the PyTorch world: kohya, diffusers and ComfyUI files, from a training run or another LoRA file.
+"""Write LoRAs for the PyTorch world: kohya, diffusers and ComfyUI files, from LoraWeights or another LoRA file.
 
 Every file carries `{"format": "pt"}` (what diffusers writes), `modelspec.*` (architecture `flux-1-dev/lora`), our
 `flux_jax.config` (the model config, so a later conversion needs no guessing) and, when known, the training summary
@@ -25,7 +25,6 @@ from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
 from flux_jax.lora_io.import_ import META_METADATA_KEY, read_lora_file
 from flux_jax.lora_io.weights import LoraWeights, most_common, parse_module, validate
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
-from flux_jax.storage import is_local_file, run_path
 from flux_jax.weights.safetensors_file import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ _CARRIED_PREFIXES = ("ss_", "modelspec.")
 _DERIVED = ("ss_network_dim", "ss_network_alpha", "modelspec.title")
 
 
-def _check_format(fmt: str) -> None:
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise FluxJaxError(f"unknown LoRA format {fmt!r}; choose one of {sorted(FORMATS)}")
 
@@ -51,7 +50,7 @@ def export_metadata(
 ) -> dict[str, str]:
     """String metadata for an exported file.
 
-    meta: the training summary (keys of `read_lora_weights`' contract: step, rank, alpha, targets, base, guidance,
+    meta: the training summary (keys of a training run's meta: step, rank, alpha, targets, base, guidance,
       timestep_sampling, steps, dataset, config); absent keys are left out.
     carried: a source file's metadata; its `ss_*` / `modelspec.*` entries are kept (ours win where both exist).
     """
@@ -109,7 +108,7 @@ def write_lora_file(
     force: bool = False,
 ) -> pathlib.Path:
     """Write `weights` as a `fmt` LoRA file (atomic; refuses an existing `path` unless `force`)."""
-    _check_format(fmt)
+    check_format(fmt)
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (use --force to overwrite)")
@@ -142,7 +141,7 @@ def convert_lora_file(
     config: FluxConfig | None = None,
 ) -> pathlib.Path:
     """Rewrite a LoRA file of any supported format as `format` (dtype defaults to the source's)."""
-    _check_format(format)
+    check_format(format)
     dst = pathlib.Path(dst)
     if dst.exists() and not force:  # before reading anything
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
@@ -154,48 +153,3 @@ def convert_lora_file(
     return write_lora_file(
         dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force
     )
-
-
-def export_lora(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    format: str,
-    *,
-    dtype: str | None = None,
-    step: int | None = None,
-    ema: bool = False,
-    force: bool = False,
-) -> pathlib.Path:
-    """`flux-jax export`: a training run / checkpoint directory, or a LoRA file, to a `format` LoRA file.
-
-    A run directory's latest checkpoint is used unless `step` is given; `ema` takes the run's EMA weights. dtype
-    defaults to bf16 for a run and to the source's for a file.
-    """
-    _check_format(format)
-    if is_local_file(src):
-        src = pathlib.Path(src)
-        if step is not None or ema:
-            raise FluxJaxError(f"{src}: --step / --ema apply to a training run directory, not to a LoRA file")
-        return convert_lora_file(src, dst, format, dtype=dtype, force=force)
-    dst = pathlib.Path(dst)
-    if dst.exists() and not force:
-        raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
-    weights, config, meta = read_run(run_path(src), step, ema)
-    return write_lora_file(dst, weights, format, config=config, dtype=dtype or "bf16", meta=meta, force=force)
-
-
-def read_run(
-    src: str | os.PathLike, step: int | None, ema: bool = False
-) -> tuple[dict[str, LoraWeights], FluxConfig, dict]:
-    """The LoRA of a run or checkpoint directory (local or gs://), through the trainer's checkpoint reader."""
-    src = run_path(src)
-    if not src.is_dir():
-        raise FluxJaxError(f"{src}: no such training run, checkpoint directory or LoRA file")
-    try:
-        from flux_jax.train.checkpointing import read_lora_weights
-    except ImportError as e:
-        raise FluxJaxError(f"{src}: reading training checkpoints needs flux_jax.train ({e})") from None
-    from flux_jax.lora_io.adapters import lora_weights_from_model
-
-    model, meta = read_lora_weights(src, step=step, **({"use_ema": True} if ema else {}))
-    return lora_weights_from_model(model), model.config, dict(meta)

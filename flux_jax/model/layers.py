@@ -31,7 +31,7 @@ class Linear(nnx.Module):
 
     The kernel may be stored in a narrower dtype than the compute dtype (bf16, or float8_e4m3fn for a frozen base):
     it is cast inside the matmul, so under jit XLA fuses the dequantisation instead of materialising a copy.
-    `lora` is an optional adapter (see `flux_jax.lora`) whose output is added to y.
+    `lora` is an optional adapter (see `flux_jax.model.lora`) whose output is added to y.
     """
 
     def __init__(
@@ -64,7 +64,7 @@ class Linear(nnx.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
-        self.lora = nnx.data(None)  # a `flux_jax.lora.LoRA` once attached
+        self.lora = nnx.data(None)  # a `flux_jax.model.lora.LoRA` once attached
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)

@@ -1,10 +1,10 @@
 """The trainer's compiled step with shapes only: what ``flux-jax plan`` compiles for a TPU it does not have.
 
 ``abstract_step(cfg, mesh, model_config=)`` builds everything ``loop.setup`` builds for the step, from the same
-functions (``build.random_base`` / ``attach_lora`` / ``split_trainable``, ``build_optimizer``, ``Objective``,
-``StepCompiler``), but under ``nnx.eval_shape`` / ``jax.eval_shape``: the 12B base and the optimizer state exist
-as ShapeDtypeStructs carrying the shardings the trainer would give them, so nothing is allocated and the mesh may
-be made of compile-only devices (``jax.experimental.topologies``). ``AbstractStep.compile`` then lowers and
+functions (``build.lora_model``, ``state.split_trainable`` / ``state_shardings_for``, ``build_optimizer``,
+``Objective``, ``StepCompiler``), but under ``nnx.eval_shape`` / ``jax.eval_shape``: the 12B base and the optimizer
+state exist as ShapeDtypeStructs carrying the shardings the trainer would give them, so nothing is allocated and the
+mesh may be made of compile-only devices (``jax.experimental.topologies``). ``AbstractStep.compile`` then lowers and
 compiles the very ``train_step`` executable the trainer runs.
 """
 
@@ -15,18 +15,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from flux_jax.axes import Rules
 from flux_jax.model.config import FluxConfig
-from flux_jax.optim import build_optimizer
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import state_shardings, use_mesh
-from flux_jax.train import build
+from flux_jax.train.build import Adapters, lora_model
 from flux_jax.train.objective import Objective
-from flux_jax.train.state import TrainState, abstract_like, replicated
+from flux_jax.train.optim import build_optimizer
+from flux_jax.train.state import (
+    TrainState,
+    abstract_like,
+    abstract_state,
+    flat_params,
+    split_trainable,
+    state_shardings_for,
+)
 from flux_jax.train.step import StepCompiler, check_batch_split
 
 # What the data pipeline caches (flux_jax.train.data; `flux-jax cache` stores bf16): latents, T5 states and the
@@ -72,25 +78,6 @@ def _sds(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def abstract_opt_state(tx: optax.GradientTransformation, lora: dict[str, jax.ShapeDtypeStruct],
-                       mesh: Mesh) -> tuple[Any, Any]:  # fmt: skip
-    """The optimizer state's shapes and shardings, as ``init_train_state`` gets them.
-
-    The trainer runs ``jax.jit(tx.init)(lora)`` and keeps whatever shardings the compiler gives the outputs
-    (moments follow their params), pinning leaves not placed on the mesh as replicated. Compiling ``tx.init``
-    for the same mesh gives the same shardings without running it.
-    """
-    compiled = jax.jit(tx.init).lower(lora).compile()
-    shapes = jax.eval_shape(tx.init, lora)
-    repl = replicated(mesh)
-
-    def on_mesh(s: Any) -> NamedSharding:
-        return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
-
-    shardings = jax.tree.map(on_mesh, compiled.output_shardings)
-    return jax.tree.map(_sds, shapes, shardings), shardings
-
-
 def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> AbstractStep:
     """The run's step compiler and abstract arguments on ``mesh`` (see the module docstring).
 
@@ -101,40 +88,26 @@ def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> Ab
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     seed = cfg.train.seed
-
+    adapters = Adapters.from_config(cfg.lora)
     adapted: list[str] = []
 
-    def build_model() -> nnx.Module:
-        # The trainer's own builders, traced for shapes only: the random base stores parameters exactly as a
-        # loaded one would (dtypes from dtypes.storage_dtype), then the run's adapters are attached.
-        model = build.random_base(model_config, base_dtype=cfg.model.base_dtype,
-                                  compute_dtype=cfg.model.compute_dtype, mesh=mesh, rules=rules, seed=seed,
-                                  attention=cfg.model.attention, remat=cfg.model.remat)  # fmt: skip
-        adapted[:] = build.attach_lora(model, cfg.lora, seed=seed)
+    def make() -> nnx.Module:
+        model, adapted[:] = lora_model(model_config, cfg.model, adapters, seed=seed)
         return model
 
     with use_mesh(mesh, rules):
-        model = nnx.eval_shape(build_model)
-    graphdef, lora_state, frozen = build.split_trainable(model)
-    # The trainer places every variable by its logical axes (build.place); the same function on shapes.
+        model = nnx.eval_shape(make)  # the trainer's own builder, traced for shapes only
+    graphdef, lora_state, frozen = split_trainable(model)
+    # The trainer places every variable by its logical axes; the same function on shapes.
     frozen = jax.tree.map(_sds, frozen, state_shardings(frozen, mesh, rules))
-    lora_sh = build.flat_params(state_shardings(lora_state, mesh, rules))
-    lora = {k: _sds(v, lora_sh[k]) for k, v in build.flat_params(lora_state).items()}
+    lora_sh = flat_params(state_shardings(lora_state, mesh, rules))
+    lora = {k: _sds(v, lora_sh[k]) for k, v in flat_params(lora_state).items()}
     template = jax.tree.map(_sds, lora_state)
 
     tx = build_optimizer(cfg.optim, cfg.train.steps)
-    opt_state, opt_sh = abstract_opt_state(tx, lora, mesh)
     ema = cfg.optim.ema_decay is not None
-    repl = replicated(mesh)
-    shardings = TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
-    state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        lora=lora,
-        opt_state=opt_state,
-        ema=lora if ema else None,
-        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed))),
-    )
-    state = abstract_like(state, shardings)
+    shardings = state_shardings_for(tx, lora, mesh, ema=ema)
+    state = abstract_like(abstract_state(tx, lora, seed=seed, ema=ema), shardings)
     compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,
                             objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
                             mesh=mesh)  # fmt: skip

@@ -15,7 +15,6 @@ one invisible; ``latest_step`` only ever names complete checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -28,9 +27,11 @@ from flax import nnx
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
-from flux_jax.run_config import RunConfig, from_dict
+from flux_jax.model.lora import set_lora_training
+from flux_jax.run_config import ModelConfig, RunConfig
 from flux_jax.storage import run_path
-from flux_jax.train.state import TrainState
+from flux_jax.train.build import Adapters, lora_model
+from flux_jax.train.state import TrainState, flat_params, split_trainable, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def run_meta(cfg: RunConfig, *, base_config: FluxConfig, adapted: list[str], dat
         **lora_settings(cfg),
         "adapted": adapted,
         "base": cfg.model.base or f"random:{cfg.model.preset}",
-        "base_config": _config_dict(base_config),
+        "base_config": base_config.to_json(),
         "guidance": cfg.train.guidance,
         "guidance_range": None if cfg.train.guidance_range is None else list(cfg.train.guidance_range),
         "timestep_sampling": cfg.train.timestep_sampling,
@@ -72,17 +73,21 @@ def run_meta(cfg: RunConfig, *, base_config: FluxConfig, adapted: list[str], dat
     }
 
 
-def _config_dict(cfg: FluxConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["axes_dim"] = list(cfg.axes_dim)
-    return d
-
-
-def base_config_from_meta(meta: dict, where: str) -> FluxConfig:
+def adapters_from_meta(meta: dict, where: str) -> Adapters:
+    """The adapters a checkpoint holds, from its meta alone (not from the saved run config, whose schema may have
+    changed since: the meta's LoRA keys are this module's versioned contract)."""
     try:
-        return FluxConfig(**meta["base_config"])
+        targets = meta["targets"]
+        blocks = meta["blocks"]
+        return Adapters(
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            targets=targets if isinstance(targets, str) else tuple(targets),
+            blocks=None if blocks is None else tuple(int(b) for b in blocks),
+            dtype=str(meta["lora_dtype"]),
+        )
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: checkpoint meta has no valid base_config ({e})") from None
+        raise CheckpointError(f"{where}: checkpoint meta does not describe the LoRA ({e!r})") from None
 
 
 class Checkpointer:
@@ -230,9 +235,6 @@ def read_lora_weights(
     "alpha", "targets", "base", "guidance", "timestep_sampling", "steps", "dataset", "config" (the full run
     config dict) and more (see ``run_meta``).
     """
-    from flux_jax.lora import set_lora_training
-    from flux_jax.train.build import attach_lora, flat_params, random_flux, split_trainable, unflatten
-
     ckpt_dir, step = _locate(run_path(path), step)
     reader = Checkpointer(ckpt_dir.parent, read_only=True, ema=use_ema)
     try:
@@ -246,21 +248,10 @@ def read_lora_weights(
         meta = reader.read_meta(step)
         if use_ema and not meta.get("ema"):
             raise CheckpointError(f"{where}: the run kept no EMA (optim.ema_decay unset); use_ema=True is impossible")
-        run_cfg = from_dict(meta["config"])
-        base_cfg = base_config_from_meta(meta, where)
-        m = run_cfg.model
+        base_cfg = FluxConfig.from_json(meta.get("base_config"), f"{where}: checkpoint meta base_config")
+        adapters = adapters_from_meta(meta, where)
         # The training model's structure, abstractly: shapes and dtypes only, no base weights anywhere.
-        model = nnx.eval_shape(
-            lambda: random_flux(
-                base_cfg,
-                base_dtype=m.base_dtype,
-                compute_dtype=m.compute_dtype,
-                seed=0,
-                attention=m.attention,
-                remat=m.remat,
-            )
-        )
-        attach_lora(model, dataclasses.replace(run_cfg.lora, init_from=None), seed=0)
+        model = nnx.eval_shape(lambda: lora_model(base_cfg, ModelConfig(), adapters, seed=0)[0])
         set_lora_training(model, False)
         _, lora_state, _ = split_trainable(model)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -15,7 +15,7 @@ import math
 import pathlib
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,33 +23,27 @@ import optax
 from etils import epath
 from tqdm import tqdm
 
-from flux_jax.errors import ConfigError, DataError, FluxJaxError
+from flux_jax.data.examples import (
+    DataIterator,
+)
+from flux_jax.data.inputs import check_fits, needs_model, open_train_data
+from flux_jax.errors import ConfigError, FluxJaxError
+from flux_jax.hardware import peak_flops
 from flux_jax.model.config import FluxConfig
-from flux_jax.optim import build_optimizer, build_schedule
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import make_mesh, use_mesh
 from flux_jax.storage import is_remote, run_path, write_text
 from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
-from flux_jax.train.data import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource, synthetic_examples
 from flux_jax.train.lora_init import init_lora_from
-from flux_jax.train.metrics import MetricsWriter, peak_flops, useful_flops_per_sample
+from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance
+from flux_jax.train.optim import build_optimizer, build_schedule
 from flux_jax.train.preemption import PreemptionWatcher
-from flux_jax.train.state import TrainState, abstract_like, init_train_state
+from flux_jax.train.state import TrainState, abstract_like, flat_params, init_train_state, split_trainable
 from flux_jax.train.step import StepCompiler, check_batch_split, micro_batches
 
 log = logging.getLogger(__name__)
-
-
-class DataIterator(Protocol):
-    """What the loop reads: this host's rows of the next global batch, and a JSON-able resumable state."""
-
-    def __next__(self) -> dict[str, np.ndarray]: ...
-
-    def get_state(self) -> dict[str, Any]: ...
-
-    def set_state(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainingDivergedError(FluxJaxError):
@@ -68,57 +62,6 @@ class TrainResult:
     last_loss: float | None
     state: TrainState | None = None
     """The final training state (on device), for programmatic use."""
-
-
-def open_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tuple[DataIterator, ExampleSource]:
-    """The run's batch iterator and the examples behind it, by what ``data`` points at:
-
-    - ``data.synthetic``: the built-in synthetic set (needs the model's dims: call after the model is built);
-    - a directory holding this module's cached-example ``index.json`` (``flux_jax.train.data``);
-    - anything else: the latent cache of ``flux-jax cache`` (``flux_jax.data``: grain, buckets, repeats, caption
-      dropout), found from ``data.path`` / ``data.cache_dir``.
-
-    Opening validates the dataset, so a bad path fails before the (possibly 12B-parameter) base is built.
-    """
-    hosts, host = jax.process_count(), jax.process_index()
-    if cfg.data.synthetic:
-        assert model_cfg is not None, "the synthetic set is shaped by the model"
-        source: ExampleSource = synthetic_examples(
-            in_channels=model_cfg.in_channels,
-            context_dim=model_cfg.context_in_dim,
-            vec_dim=model_cfg.vec_in_dim,
-            resolution=cfg.data.resolution,
-            seed=cfg.data.shuffle_seed,
-        )
-    elif (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
-        source = CachedExamples(cfg.data.path)
-    else:
-        from flux_jax.data.pipeline import make_train_iterator
-
-        pipeline = make_train_iterator(
-            cfg, process_index=host, process_count=hosts, batch_size_per_host=cfg.train.batch_size // hosts
-        )
-        return pipeline, pipeline.cache
-    if cfg.data.caption_dropout > 0:
-        raise ConfigError(
-            "data.caption_dropout > 0 needs the empty-caption embeddings of a `flux-jax cache` latent cache; the "
-            "synthetic set and the cached-example format do not hold them; set data.caption_dropout=0",
-            key="data.caption_dropout",
-        )
-    iterator = BatchIterator(
-        source, batch_size=cfg.train.batch_size, seed=cfg.data.shuffle_seed, process_index=host, process_count=hosts
-    )
-    return iterator, source
-
-
-def check_fits(source: ExampleSource, model_cfg: FluxConfig) -> None:
-    """The examples' feature widths must be the model's (e.g. a cache made for another text encoder)."""
-    first = source.read(0)
-    want = {"latents": model_cfg.in_channels, "t5": model_cfg.context_in_dim, "clip": model_cfg.vec_in_dim}
-    got = {"latents": first.latents.shape[-1], "t5": first.t5.shape[-1], "clip": first.clip.shape[-1]}
-    bad = [f"{k} width {got[k]} (model expects {want[k]})" for k in want if got[k] != want[k]]
-    if bad:
-        raise DataError(f"{source.describe()}: examples do not fit the model: {', '.join(bad)}")
 
 
 class Trainer:
@@ -285,7 +228,7 @@ def setup(
     seed = cfg.train.seed
     ema = cfg.optim.ema_decay is not None
     # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
-    data, source = (None, None) if cfg.data.synthetic else open_data(cfg)
+    data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
     checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
     latest = checkpointer.latest_step()
     init_from = cfg.lora.init_from
@@ -304,12 +247,12 @@ def setup(
     objective = Objective.from_config(cfg.train)
     warn_about_guidance(objective, base=cfg.model.base, config=model_cfg)
     if data is None:
-        data, source = open_data(cfg, model_cfg)
+        data, source = open_train_data(cfg, model_cfg)
     check_fits(source, model_cfg)
-    graphdef, lora_state, frozen = build.split_trainable(model)
+    graphdef, lora_state, frozen = split_trainable(model)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
     tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
-    state, shardings = init_train_state(build.flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
+    state, shardings = init_train_state(flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
     del lora_state, model
     meta = run_meta(cfg, base_config=model_cfg, adapted=adapted, dataset=source.describe(), step=0)
     if latest is not None:

@@ -17,25 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from flux_jax.errors import ConfigError
-from flux_jax.lora import lora_modules
 from flux_jax.lora_io.adapters import to_host
 from flux_jax.lora_io.weights import LoraWeights, parse_module
 from flux_jax.model.flux import Flux
-from flux_jax.storage import is_local_file
+from flux_jax.model.lora import lora_modules
+from flux_jax.train.lora_sources import read_lora
 
 log = logging.getLogger(__name__)
 
 KEY = "lora.init_from"
-
-
-def read_source(source: str | os.PathLike, model: Flux) -> dict[str, LoraWeights]:
-    """The LoRA at ``source`` (a file, or a run / checkpoint directory, local or gs://) as BFL-module weights."""
-    from flux_jax.lora_io.export import read_run
-    from flux_jax.lora_io.import_ import read_lora_file
-
-    if is_local_file(source):
-        return read_lora_file(source, model.config).weights
-    return read_run(source, step=None)[0]
 
 
 def _short(names: list[str], limit: int = 10) -> str:
@@ -48,7 +38,7 @@ def init_lora_from(model: Flux, source: str | os.PathLike) -> int:
     The adapters keep their shardings: each new value is computed by a jitted select between the file's values
     (host arrays, the same on every host) and the current ones, with the current sharding as the output's.
     """
-    weights = read_source(source, model)
+    weights = read_lora(source, config=model.config).weights
     adapters = {path: linear.lora for path, linear in lora_modules(model)}
     masks = {p: to_host(ad.mask[...]) if ad.mask is not None else np.ones(1, np.float32) for p, ad in adapters.items()}
     by_module: dict[str, dict[int | None, LoraWeights]] = {}

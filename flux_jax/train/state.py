@@ -3,7 +3,8 @@
 ``TrainState`` holds the trainable LoRA params (a flat ``{module path: array}`` dict, fp32 masters by default),
 the optimizer state over exactly those params, an optional EMA copy, the update count and the run's base PRNG
 key. Everything has an explicit sharding on the mesh, so the jitted step can be compiled with matching
-in/out shardings and donate the state.
+in/out shardings and donate the state. ``state_shardings_for`` is the one place those shardings are decided: the
+trainer places a fresh state with it and ``flux-jax plan`` compiles against it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -29,32 +30,70 @@ class TrainState:
     """uint32 key data of the run's base key; step ``n`` uses ``fold_in(key, n)``."""
 
 
+def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, LoRA params, everything else). Trainability is the variable type ``nnx.LoRAParam``."""
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def flat_params(state: nnx.State) -> dict[str, Any]:
+    """An nnx.State as ``{"double_blocks.img_attn.qkv.lora.lora_a": array}``: the optimizer's and checkpoint's tree.
+
+    A flat dict of string keys keeps the optimizer state and the orbax checkpoint independent of nnx's
+    container types (and readable: the keys are the module paths of `flux_jax.model.lora`).
+    """
+    return {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def unflatten(template: nnx.State, flat: dict[str, Any]) -> nnx.State:
+    """Inverse of :func:`flat_params`, given a (possibly abstract) state of the same structure."""
+    return nnx.from_flat_state(
+        {path: var.replace(flat[".".join(map(str, path))]) for path, var in nnx.to_flat_state(template)}
+    )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings_for(tx: optax.GradientTransformation, lora: dict[str, Any], mesh: Mesh, *, ema: bool) -> TrainState:
+    """The shardings of a run's TrainState (a TrainState of NamedShardings), from the LoRA params' own shardings.
+
+    ``lora`` holds arrays or ShapeDtypeStructs that carry shardings. The optimizer state takes whatever shardings
+    the compiler gives ``tx.init``'s outputs for them (moments follow their params); leaves it does not place on
+    the mesh (scalar counters) are pinned replicated. Compiling ``tx.init`` decides this without running it, so
+    the trainer and the planner (which has only shapes) get the same answer.
+    """
+    compiled = jax.jit(tx.init).lower(lora).compile()
+    repl = replicated(mesh)
+
+    def on_mesh(s: Any) -> NamedSharding:
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
+
+    lora_sh = {k: v.sharding for k, v in lora.items()}
+    opt_sh = jax.tree.map(on_mesh, compiled.output_shardings)
+    return TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
+
+
+def abstract_state(tx: optax.GradientTransformation, lora: dict[str, Any], *, seed: int, ema: bool) -> TrainState:
+    """The TrainState's shapes and dtypes (no shardings): what ``init_train_state`` creates, without creating it."""
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        lora={k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in lora.items()},
+        opt_state=jax.eval_shape(tx.init, lora),
+        ema={k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in lora.items()} if ema else None,
+        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(seed))),
+    )
 
 
 def init_train_state(
     lora: dict[str, jax.Array], tx: optax.GradientTransformation, *, seed: int, ema: bool, mesh: Mesh
 ) -> tuple[TrainState, TrainState]:
-    """A fresh state at step 0 and its shardings (a TrainState of NamedShardings).
-
-    The optimizer state is created by a jitted ``tx.init`` so its moments inherit the params' shardings;
-    leaves jax leaves unplaced on the mesh (scalar counters) are pinned replicated.
-    """
-    lora_sh = {k: v.sharding for k, v in lora.items()}
-    opt_state = jax.jit(tx.init)(lora)
-    repl = replicated(mesh)
-
-    def on_mesh(x: Any) -> NamedSharding:
-        s = getattr(x, "sharding", None)
-        return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
-
-    opt_sh = jax.tree.map(on_mesh, opt_state)
-    shardings = TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
+    """A fresh state at step 0 and its shardings (``state_shardings_for``)."""
+    shardings = state_shardings_for(tx, lora, mesh, ema=ema)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         lora=lora,
-        opt_state=opt_state,
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(lora),
         # A copy, not an alias: the step donates the state, and ema must not share buffers with lora.
         ema=jax.tree.map(jnp.copy, lora) if ema else None,
         rng=jax.random.key_data(jax.random.key(seed)),

@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from flux_jax.errors import ConfigError
-from flux_jax.lora import seed_dropout, set_lora_training
-from flux_jax.train.build import unflatten
+from flux_jax.model.lora import seed_dropout, set_lora_training
+from flux_jax.sharding import batch_sharding
 from flux_jax.train.objective import Objective, flow_loss
-from flux_jax.train.state import TrainState, abstract_like, replicated
+from flux_jax.train.state import TrainState, abstract_like, replicated, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,6 @@ def micro_batches(batch: dict[str, Any], micro: int) -> dict[str, Any]:
     return {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]) for k in STEP_KEYS}
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch leaves are [micro, rows, ...]: rows are split over ("data", "fsdp"), micro-batches stay whole."""
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-
-
 class StepCompiler:
     """Compiled train steps for one (model, optimizer, objective), one executable per batch shape."""
 
@@ -184,7 +179,7 @@ class StepCompiler:
         self.frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
         self.abstract_frozen = abstract_like(frozen, self.frozen_shardings)
         self.state_shardings = state_shardings
-        self.batch_sharding = batch_sharding(mesh)
+        self.batch_sharding = batch_sharding(mesh, batch_dim=1)  # leaves are [micro, rows, ...]
         bound = functools.partial(step_fn, graphdef, template, tx=tx, objective=objective, ema_decay=ema_decay)
         self.traces = 0  # how often jax traced the step (the Python body runs only while tracing)
 

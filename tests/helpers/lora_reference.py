@@ -14,10 +14,10 @@ import torch
 from flax import nnx
 
 from flux_jax.axes import DEFAULT_RULES
-from flux_jax.lora import apply_lora, lora_modules
 from flux_jax.lora_io.adapters import lora_weights_from_model
 from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.model.config import FluxConfig
+from flux_jax.model.lora import apply_lora, lora_modules
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import bfl_from_diffusers
 from flux_jax.weights.flax_layout import abstract_model, flax_sources

@@ -9,6 +9,7 @@ import numpy as np
 from flux_jax.lora_io.adapters import lora_weights_from_model
 from flux_jax.lora_io.export import write_lora_file
 from flux_jax.lora_io.weights import LoraWeights
+from flux_jax.model.config import preset
 from flux_jax.run_config import load_config
 from flux_jax.sharding import make_mesh
 from flux_jax.train import build
@@ -34,5 +35,5 @@ def random_lora(seed: int = 0, std: float = 1.0) -> dict[str, LoraWeights]:
 
 
 def lora_file(path: Path, weights: dict[str, LoraWeights], fmt: str = "kohya") -> Path:
-    model_cfg = build.preset(config(Path("unused")).model.preset)
+    model_cfg = preset(config(Path("unused")).model.preset)
     return write_lora_file(path, weights, fmt, config=model_cfg, dtype="fp32")

@@ -7,6 +7,9 @@ The trainer never sees images or captions: the data pipeline (VAE + T5 + CLIP, r
   ``clip``     [768]                 CLIP-L pooled output (vec_in_dim), fp32 or bf16
   ``height``, ``width``              the packed latent grid in tokens (pixels / 16); ``img_ids`` derive from it
 
+This module also holds the interface every training input satisfies (``ExampleSource`` for random access,
+``DataIterator`` for what the loop reads), so the trainer consumes one type whatever the source.
+
 On disk (``CACHED_FORMAT``) a dataset is a directory::
 
   index.json               {"format": "flux_jax.cached_examples", "version": 1, "shards": [...],
@@ -14,13 +17,13 @@ On disk (``CACHED_FORMAT``) a dataset is a directory::
                                           "text_len": 512, "caption": "..."}, ...]}
   shard-00000.safetensors  tensors "<name>.latents", "<name>.t5", "<name>.clip"
 
-Batches are grouped by shape bucket (height, width, text_len), so every batch stacks without padding. The
+Batches are grouped by ``BatchShape`` (height, width, text_len), so every batch stacks without padding. The
 iterator's position is ``{"epoch", "position"}`` (batches consumed within the epoch): the batch order of an epoch
 is a pure function of (seed, epoch), so a resumed run continues mid-epoch without repeating or skipping. On
 several hosts every host walks the same global plan and reads only its own rows of each batch.
 
-This is the simple reader the trainer ships with; the grain/TFDS pipeline of ``flux_jax.data`` produces the
-same batches (same keys and shapes) and the same ``get_state`` / ``set_state`` interface.
+This is the simple reader for in-memory and ``index.json`` datasets; the grain pipeline over the latent cache
+(``flux_jax.data.pipeline``) produces the same batches (same keys and shapes) behind the same ``DataIterator``.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import json
 import os
 import pathlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from flux_jax.atomic import atomic_dir
 from flux_jax.errors import DataError
+from flux_jax.model.latents import PIXELS_PER_TOKEN, image_ids
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
 
 CACHED_FORMAT = "flux_jax.cached_examples"
@@ -56,31 +60,39 @@ class Example:
     caption: str = ""
 
     @property
-    def bucket(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.t5.shape[0])
+    def batch_shape(self) -> BatchShape:
+        return BatchShape(self.height, self.width, self.t5.shape[0])
 
 
-Bucket = tuple[int, int, int]  # (height, width, text_len), heights/widths in latent tokens
+class BatchShape(NamedTuple):
+    """The shape key that groups examples into batches (and so compiles the step once): the token grid and the
+    text length. An aspect-ratio bucket (``flux_jax.data.buckets.Bucket``) fixes the grid."""
+
+    height: int
+    width: int
+    text_len: int
 
 
 class ExampleSource(Protocol):
-    """Random access to examples, plus each example's shape bucket without reading it."""
+    """Random access to examples, plus each example's batch shape without reading it."""
 
     def __len__(self) -> int: ...
 
-    def bucket(self, index: int) -> Bucket: ...
+    def batch_shape(self, index: int) -> BatchShape: ...
 
     def read(self, index: int) -> Example: ...
 
     def describe(self) -> str: ...
 
 
-def img_ids(height: int, width: int) -> np.ndarray:
-    """BFL image position ids [h * w, 3]: (0, row, col) per packed token, float32."""
-    ids = np.zeros((height, width, 3), np.float32)
-    ids[..., 1] = np.arange(height, dtype=np.float32)[:, None]
-    ids[..., 2] = np.arange(width, dtype=np.float32)[None, :]
-    return ids.reshape(height * width, 3)
+class DataIterator(Protocol):
+    """What the training loop reads: this host's rows of the next global batch, and a JSON-able resumable state."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,8 +111,8 @@ class InMemoryExamples:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def bucket(self, index: int) -> Bucket:
-        return self.examples[index].bucket
+    def batch_shape(self, index: int) -> BatchShape:
+        return self.examples[index].batch_shape
 
     def read(self, index: int) -> Example:
         return self.examples[index]
@@ -135,20 +147,20 @@ class CachedExamples:
         if not entries:
             raise DataError(f"{index_path}: the dataset has no examples")
         self.files = [SafetensorsFile(self.path / name) for name in shards]  # validates each header now
-        self.entries: list[tuple[int, str, Bucket, str]] = []
+        self.entries: list[tuple[int, str, BatchShape, str]] = []
         for i, entry in enumerate(entries):
             try:
                 shard, name = int(entry["shard"]), str(entry["name"])
-                bucket = (int(entry["height"]), int(entry["width"]), int(entry["text_len"]))
+                shape = BatchShape(int(entry["height"]), int(entry["width"]), int(entry["text_len"]))
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{index_path}: example {i} is malformed ({e!r})") from None
             if not 0 <= shard < len(self.files):
                 raise DataError(f"{index_path}: example {i} names shard {shard}, but there are {len(self.files)}")
-            self._check(i, self.files[shard], name, bucket)
-            self.entries.append((shard, name, bucket, str(entry.get("caption", ""))))
+            self._check(i, self.files[shard], name, shape)
+            self.entries.append((shard, name, shape, str(entry.get("caption", ""))))
 
-    def _check(self, i: int, file: SafetensorsFile, name: str, bucket: Bucket) -> None:
-        h, w, text_len = bucket
+    def _check(self, i: int, file: SafetensorsFile, name: str, shape: BatchShape) -> None:
+        h, w, text_len = shape
         for field in FIELDS:
             if f"{name}.{field}" not in file:
                 raise DataError(f"{file.path}: example {i} ({name}) has no tensor {name}.{field}")
@@ -163,7 +175,7 @@ class CachedExamples:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def bucket(self, index: int) -> Bucket:
+    def batch_shape(self, index: int) -> BatchShape:
         return self.entries[index][2]
 
     def read(self, index: int) -> Example:
@@ -173,8 +185,8 @@ class CachedExamples:
         return Example(*arrays, height=h, width=w, caption=caption)
 
     def describe(self) -> str:
-        buckets = sorted({e[2] for e in self.entries})
-        return f"cached examples {self.path} ({len(self)} examples, buckets (h, w, text_len) {buckets})"
+        shapes = sorted({tuple(e[2]) for e in self.entries})
+        return f"cached examples {self.path} ({len(self)} examples, buckets (h, w, text_len) {shapes})"
 
 
 def write_cached_examples(
@@ -229,7 +241,7 @@ def synthetic_examples(
     velocity target then depends on the conditioning in a way a small LoRA learns within a few dozen steps, so
     the loss visibly falls. Deterministic in ``seed``; float32 so the fp32 smoke run is exactly reproducible.
     """
-    grid = resolution // 16
+    grid = resolution // PIXELS_PER_TOKEN
     rng = np.random.default_rng(seed)
     colours = rng.standard_normal((classes, in_channels)).astype(np.float32)
     text_protos = rng.standard_normal((classes, text_len, context_dim)).astype(np.float32)
@@ -282,11 +294,11 @@ class BatchIterator:
         self.seed = seed
         self.process_index = process_index
         self.rows = batch_size // process_count
-        self._buckets = [source.bucket(i) for i in range(len(source))]
+        self._shapes = [source.batch_shape(i) for i in range(len(source))]
         if not self.plan(0):
-            counts: dict[Bucket, int] = {}
-            for b in self._buckets:
-                counts[b] = counts.get(b, 0) + 1
+            counts: dict[tuple, int] = {}
+            for b in self._shapes:
+                counts[tuple(b)] = counts.get(tuple(b), 0) + 1
             raise DataError(
                 f"{source.describe()}: no shape bucket holds a full batch of {batch_size} examples "
                 f"(bucket sizes {counts}); lower train.batch_size or add examples"
@@ -297,17 +309,17 @@ class BatchIterator:
     def plan(self, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch`` (lists of example indices): a pure function of (seed, epoch).
 
-        Examples are shuffled, grouped by bucket in shuffled order, cut into full batches (a bucket's
+        Examples are shuffled, grouped by batch shape in shuffled order, cut into full batches (a shape's
         remainder is dropped for this epoch only; the next shuffle drops others), and the batches shuffled.
         """
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self._buckets))
-        by_bucket: dict[Bucket, list[int]] = {}
+        order = rng.permutation(len(self._shapes))
+        by_shape: dict[BatchShape, list[int]] = {}
         for i in order:
-            by_bucket.setdefault(self._buckets[i], []).append(int(i))
+            by_shape.setdefault(self._shapes[i], []).append(int(i))
         batches = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
+        for shape in sorted(by_shape):
+            members = by_shape[shape]
             for start in range(0, len(members) - self.batch_size + 1, self.batch_size):
                 batches.append(members[start : start + self.batch_size])
         return [batches[i] for i in rng.permutation(len(batches))]
@@ -341,7 +353,7 @@ class BatchIterator:
             "position": self.state.position,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            "examples": len(self._buckets),
+            "examples": len(self._shapes),
         }
 
     def set_state(self, state: Mapping[str, object]) -> None:
@@ -350,7 +362,7 @@ class BatchIterator:
             theirs = tuple(int(state[k]) for k in ("seed", "batch_size", "examples"))  # type: ignore[call-overload]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"invalid data-iterator state {dict(state)!r}: {e!r}") from None
-        ours = (self.seed, self.batch_size, len(self._buckets))
+        ours = (self.seed, self.batch_size, len(self._shapes))
         if theirs != ours:
             raise DataError(
                 f"the checkpoint's data-iterator state belongs to another input (seed, global batch, examples: "
@@ -362,7 +374,7 @@ class BatchIterator:
 def collate(examples: Sequence[Example]) -> dict[str, np.ndarray]:
     """Stack same-bucket examples into a batch (leading dim = examples)."""
     first = examples[0]
-    ids = img_ids(first.height, first.width)
+    ids = image_ids(first.height, first.width)
     return {
         "latents": np.stack([e.latents for e in examples]),
         "t5": np.stack([e.t5 for e in examples]),

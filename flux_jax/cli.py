@@ -1,30 +1,29 @@
-"""`flux-jax` command line: a thin dispatcher over `flux_jax.commands.<name>` modules.
+"""`flux-jax` command line: a thin dispatcher over the `flux_jax.commands.<name>` modules listed in `COMMANDS`.
 
-Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`. Errors caused by
+Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`, and imports what its
+`run` needs inside `run`, so building the parser stays cheap. Errors caused by
 user input (`FluxJaxError`) print one clear line and exit non-zero; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import pkgutil
 import sys
 
-from flux_jax import commands
+from flux_jax.commands import cache, convert, demo, export, plan, train
 from flux_jax.errors import FluxJaxError
+
+COMMANDS = (cache, convert, demo, export, plan, train)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux-jax", description="Flux.1 LoRA training on JAX (Dev2Pro recipe).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"flux_jax.commands.{info.name}")
-        p = sub.add_parser(info.name.replace("_", "-"), help=module.HELP, description=module.HELP)
+    for module in COMMANDS:
+        name = module.__name__.rsplit(".", 1)[-1]
+        p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

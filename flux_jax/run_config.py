@@ -12,17 +12,16 @@ Parsing a config has no side effects: it never initialises jax.distributed or to
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
+from flux_jax import typed_config
 from flux_jax.axes import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
 from flux_jax.errors import ConfigError
+from flux_jax.model.config import PRESETS
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -40,7 +39,7 @@ class ModelConfig:
     base: str = ""
     """Base checkpoint: a diffusers transformer dir, a BFL/ComfyUI single file (bf16 or fp8)."""
     preset: str | None = None
-    """Architecture preset (``flux_jax.model.PRESETS``); with ``base: ""`` a random base of this shape
+    """Architecture preset (``flux_jax.model.config.PRESETS``); with ``base: ""`` a random base of this shape
     is built, which is how tests and the tiny smoke run train without a checkpoint."""
     base_dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
     """Storage dtype of the frozen base weights."""
@@ -323,7 +322,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists: safe to ``yaml.safe_dump`` and to load back unchanged."""
-        return _plain(self)
+        return typed_config.plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -334,8 +333,6 @@ class RunConfig:
         if not self.model.base and self.model.preset is None:
             problems.append('model.base is empty; set a checkpoint path (or model.preset with base: "")')
         if self.model.preset is not None:
-            from flux_jax.model.config import PRESETS  # lazy: config parsing must not build models
-
             if self.model.preset not in PRESETS:
                 problems.append(f"model.preset {self.model.preset!r} is not one of {sorted(PRESETS)}")
         if require_data and not self.data.path:
@@ -347,225 +344,23 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading
+# Loading (the generic typed-YAML rules live in flux_jax.typed_config)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Load ``path`` (YAML), apply ``key.path=value`` overrides (values parsed as YAML), validate."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-
-    origins: dict[str, str] = {}
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-        origins[key] = item
-    try:
-        return from_dict(raw)
-    except ConfigError as e:
-        where = str(path)
-        if e.key is not None:
-            for key, item in origins.items():
-                if e.key == key or e.key.startswith((key + ".", key + "[")):
-                    where = f"override {item!r}"
-        raise ConfigError(f"{where}: {e}", key=e.key) from None
+    return typed_config.load(RunConfig, path, overrides)
 
 
 def from_dict(data: Mapping[str, Any]) -> RunConfig:
     """Build a RunConfig from plain nested mappings (the inverse of ``RunConfig.to_dict``)."""
-    return _build(RunConfig, data, "")
+    return typed_config.build(RunConfig, data)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.steps=10"`` -> ``("train.steps", 10)``; checks the key against the schema.
-
-    An empty value (``model.base=``) is the empty string, since YAML would read it as null; write
-    ``null`` for None.
-    """
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not of the form key.path=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
-    cls: Any = RunConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        fields = _field_types(cls)
-        if part not in fields:
-            message = _unknown_key_message(".".join(parts[: i + 1]), fields)
-            raise ConfigError(f"override {item!r}: {message}", key=key)
-        cls = fields[part]
-        if i < len(parts) - 1 and not _is_dataclass_type(cls):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section", key=key)
-    return key, value
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    *sections, last = key.split(".")
-    for part in sections:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
-        node[last] = _deep_merge(node[last], value)
-    else:
-        node[last] = value
-
-
-def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Typed conversion
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _unknown_key_message(key: str, fields: Mapping[str, Any]) -> str:
-    name = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, list(fields), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; allowed here: {', '.join(fields)}"
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:  # an empty section (`mesh:` with nothing under it) means all defaults
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}",
-            key=prefix or None,
-        )
-    fields = _field_types(cls)
-    kwargs = {}
-    for name, value in data.items():
-        key = _join(prefix, str(name))
-        if name not in fields:
-            raise ConfigError(_unknown_key_message(key, fields), key=key)
-        kwargs[name] = _coerce(value, fields[name], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        # __post_init__ checks name only the field; add the section so the key is fully dotted.
-        key = _join(prefix, e.key) if e.key else prefix or None
-        message = _join(prefix, str(e)) if e.key else str(e)
-        raise ConfigError(message, key=key) from None
-
-
-# PyYAML implements YAML 1.1, which reads `1e-4` (no dot) as a string; accept such strings for float
-# fields rather than make every learning rate in a config be written as 1.0e-4.
-_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _mismatch(value: Any, tp: Any, key: str) -> ConfigError:
-    return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it in canonical form (lists -> tuples)."""
-    if _is_dataclass_type(tp):
-        return _build(tp, value, key)
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin is Literal:
-        # Compare type too: YAML `1` must not match a Literal[True] and `true` must not match 1.
-        for choice in args:
-            if type(choice) is type(value) and choice == value:
-                return value
-        raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}; got {value!r}", key=key)
-    if origin is Union or origin is types.UnionType:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _mismatch(value, tp, key)
-        arms = [arm for arm in args if arm is not type(None)]
-        errors = []
-        for arm in arms:
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(e)
-        # Surface the inner error (e.g. the bad item of a list) when only one arm could have meant
-        # this value: the only non-null arm, or the only sequence arm for a list.
-        sequence_arms = [i for i, arm in enumerate(arms) if get_origin(arm) is tuple]
-        if len(arms) == 1:
-            raise errors[0]
-        if isinstance(value, list | tuple) and len(sequence_arms) == 1:
-            raise errors[sequence_arms[0]]
-        raise _mismatch(value, tp, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise _mismatch(value, tp, key)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}", key=key)
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _mismatch(value, tp, key)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _mismatch(value, tp, key)
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        raise _mismatch(value, tp, key)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _mismatch(value, tp, key)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not input
-
-
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_plain(v) for v in obj]
-    return obj
+    """``"train.steps=10"`` -> ``("train.steps", 10)``; checks the key against the schema (see
+    ``typed_config.parse_override``)."""
+    return typed_config.parse_override(RunConfig, item)
 
 
 __all__ = [

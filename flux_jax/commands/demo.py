@@ -74,10 +74,10 @@ def _run(cfg: RunConfig, out: pathlib.Path, *, progress: bool) -> int:
     from flax import nnx
 
     from flux_jax.data.cache import build_cache
-    from flux_jax.lora_io.export import export_lora
     from flux_jax.model.config import preset
     from flux_jax.model.flux import Flux
     from flux_jax.train.loop import train
+    from flux_jax.train.lora_sources import export_lora
     from flux_jax.weights.convert import convert_checkpoint
     from flux_jax.weights.writers import write_flux_bfl
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 import argparse
 
 from flux_jax.errors import FluxJaxError
-from flux_jax.lora_io.merge import merge_lora
-from flux_jax.train.lora_sources import export_lora, read_lora
-from flux_jax.weights.checkpoint import open_checkpoint
 
 HELP = "export a LoRA as a kohya / diffusers / ComfyUI file, or merge it into a base checkpoint"
 
@@ -36,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `flux-jax --help` and the other commands need not load the trainer.
+    from flux_jax.lora_io.merge import merge_lora
+    from flux_jax.train.lora_sources import export_lora, read_lora
+    from flux_jax.weights.checkpoint import open_checkpoint
+
     src = args.src  # a path, or a run directory in a bucket (gs://)
     if args.merge_into is None:
         if args.format is None:

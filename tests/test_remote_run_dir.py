@@ -85,8 +85,8 @@ READ_RUN = """
 import json, sys
 import numpy as np
 from etils import epath
-from flux_jax.train import read_lora_weights
-from flux_jax.train.build import flat_params, split_trainable
+from flux_jax.train.checkpointing import read_lora_weights
+from flux_jax.train.state import flat_params, split_trainable
 
 run = sys.argv[1]
 model, meta = read_lora_weights(run)

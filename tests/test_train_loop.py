@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -13,15 +14,18 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
+from safetensors.numpy import load_file
 
 from flux_jax.data.examples import BatchIterator, Example, collate, synthetic_examples, write_cached_examples
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.model.config import preset
-from flux_jax.run_config import load_config
-from flux_jax.train.build import BASE_PARAMS, flat_params, split_trainable
+from flux_jax.run_config import from_dict, load_config
+from flux_jax.train.build import BASE_PARAMS
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.loop import TrainingDivergedError, setup, train
+from flux_jax.train.lora_sources import export_lora
 from flux_jax.train.objective import Objective, warn_about_guidance
+from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.step import eval_loss
 from tests.helpers.compile_cache import persistent_compile_cache
 
@@ -129,6 +133,28 @@ def test_read_lora_weights_returns_the_trained_adapters(single_device_run):
         read_lora_weights(run_dir / "tensorboard-nope")
     with pytest.raises(CheckpointError, match="kept no EMA"):
         read_lora_weights(run_dir, use_ema=True)
+
+
+def test_an_older_run_exports_after_a_config_field_is_renamed(tmp_path, single_device_run):
+    """Export rebuilds the adapters from the checkpoint meta's LoRA keys, not by re-parsing the saved run config
+    with today's strict schema: a run saved before a field was renamed or removed still exports, unchanged."""
+    run_dir, _ = single_device_run
+    old = tmp_path / "old_run"
+    shutil.copytree(run_dir, old)
+    meta_file = old / "checkpoints" / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    saved = meta["config"]
+    saved["lora"]["lora_rank"] = saved["lora"].pop("rank")  # renamed, the way a future version might
+    del saved["model"]["remat"]  # removed
+    saved["train"]["new_option"] = True  # a field the saving version had and this one lacks
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(saved)  # the saved config no longer parses ...
+    got = load_file(export_lora(old, tmp_path / "old.safetensors", "kohya"))  # ... and the run still exports
+    want = load_file(export_lora(run_dir, tmp_path / "new.safetensors", "kohya"))
+    assert got.keys() == want.keys() and len(want) > 0
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_resume_refuses_a_changed_lora_before_building_anything(single_device_run):

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from flux_jax.train.build import flat_params, split_trainable
 from flux_jax.train.checkpointing import read_lora_weights
+from flux_jax.train.state import flat_params, split_trainable
 from tests.helpers.compile_cache import child_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """`flux-jax cache --config FILE [key=value ...]`: images and captions -> cached latents and text embeddings.
 
-    flux-jax cache --config configs/demo.yaml                 # the demo photos, tiny generated encoders
+    flux-jax cache --config flux_jax/assets/demo.yaml data.path=flux_jax/assets/demo_photos   # tiny encoders
     flux-jax cache --config run.yaml data.path=photos encoders.root=/models/FLUX.1-dev --strict
 
 Encodes every example once (VAE latents, T5 states, CLIP pooled vectors), batched per aspect-ratio bucket and

@@ -35,8 +35,8 @@ from flux_jax.weights.safetensors_file import save_file
 
 DEMO_VERSION = 1  # bump when the generated files change, so stale demo encoders are regenerated
 
-# The words of the demo photos' captions (demo/photos/*.txt) plus the tokenizer module's own corpus, so the
-# tiny tokenizers keep those words whole; any other word is spelled out piece by piece.
+# The words of the demo photos' captions (flux_jax/assets/demo_photos/*.txt) plus the tokenizer module's own corpus,
+# so the tiny tokenizers keep those words whole; any other word is spelled out piece by piece.
 DEMO_CORPUS: tuple[str, ...] = (
     *DEFAULT_CORPUS,
     "an astronaut in a white spacesuit smiling in front of an american flag",

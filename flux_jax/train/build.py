@@ -80,19 +80,27 @@ def attach_lora(model: Flux, adapters: Adapters, *, seed: int) -> list[str]:
     return paths
 
 
-def lora_model(cfg: FluxConfig, model_cfg: ModelConfig, adapters: Adapters, *, seed: int) -> tuple[Flux, list[str]]:
+def lora_model(
+    cfg: FluxConfig, model_cfg: ModelConfig, adapters: Adapters, *, seed: int, abstract_base: bool = False
+) -> tuple[Flux, list[str]]:
     """A random base of architecture ``cfg`` stored as ``model_cfg`` says, with ``adapters`` attached.
 
-    Pure in ``seed``: the trainer jits it with sharded outputs, ``flux-jax plan`` and the checkpoint reader trace it
-    with ``nnx.eval_shape`` (shapes, dtypes and logical axes only). Returns (model, adapted module paths)."""
-    model = random_flux(
-        cfg,
-        base_dtype=model_cfg.base_dtype,
-        compute_dtype=model_cfg.compute_dtype,
-        seed=seed,
-        attention=model_cfg.attention,
-        remat=model_cfg.remat,
-    )
+    Pure in ``seed``: the trainer jits it with sharded outputs and ``flux-jax plan`` traces it with
+    ``nnx.eval_shape`` (shapes, dtypes and logical axes only). ``abstract_base``: only the base is shapes, the
+    adapters (and their per-layer masks) are real arrays, which is what reading a checkpoint's LoRA needs.
+    Returns (model, adapted module paths)."""
+
+    def base() -> Flux:
+        return random_flux(
+            cfg,
+            base_dtype=model_cfg.base_dtype,
+            compute_dtype=model_cfg.compute_dtype,
+            seed=seed,
+            attention=model_cfg.attention,
+            remat=model_cfg.remat,
+        )
+
+    model = nnx.eval_shape(base) if abstract_base else base()
     return model, attach_lora(model, adapters, seed=seed)
 
 

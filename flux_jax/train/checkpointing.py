@@ -251,7 +251,7 @@ def read_lora_weights(
         base_cfg = FluxConfig.from_json(meta.get("base_config"), f"{where}: checkpoint meta base_config")
         adapters = adapters_from_meta(meta, where)
         # The training model's structure, abstractly: shapes and dtypes only, no base weights anywhere.
-        model = nnx.eval_shape(lambda: lora_model(base_cfg, ModelConfig(), adapters, seed=0)[0])
+        model, _ = lora_model(base_cfg, ModelConfig(), adapters, seed=0, abstract_base=True)
         set_lora_training(model, False)
         _, lora_state, _ = split_trainable(model)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

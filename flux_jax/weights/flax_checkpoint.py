@@ -65,6 +65,7 @@ CHUNK_BYTES = 64 * 2**20
 # At most this many layer writes in flight: the next layer is read and cast while the previous one is written.
 WRITES_IN_FLIGHT = 2
 
+
 def is_flax_checkpoint(path: pathlib.Path) -> bool:
     return path.is_dir() and (path / META_FILE).exists()
 

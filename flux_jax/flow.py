@@ -17,6 +17,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from flux_jax.model.latents import PIXELS_PER_TOKEN
+
 TimestepMethod = Literal["uniform", "logit_normal", "shift", "flux_shift", "mode"]
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 
@@ -34,7 +36,7 @@ T_EPS = 1e-5
 
 def packed_seq_len(height: int, width: int) -> int:
     """Image tokens for a ``height`` x ``width`` pixel image (VAE /8, then 2x2 packing = /16)."""
-    return (height // 16) * (width // 16)
+    return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
 
 
 def flux_mu(

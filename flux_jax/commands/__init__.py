@@ -1,1 +1,1 @@
-"""One module per `flux-jax` subcommand (discovered by `flux_jax.cli`)."""
+"""One module per `flux-jax` subcommand (listed in `flux_jax.cli.COMMANDS`): `HELP`, `add_arguments`, `run`."""

@@ -1,13 +1,16 @@
-"""Images and captions to training batches: sources, bad-data handling, buckets, the latent cache, the pipeline.
+"""All training data: images and captions to training batches (the only data package).
 
 - `sources`: a kohya-style image folder (or metadata.jsonl/csv), or any TFDS dataset.
 - `images`: robust decoding; every bad input is converted or skipped and reported (`DataReport`).
-- `buckets`: aspect-ratio buckets (static shapes) and the crop/resize into them.
+- `buckets`: aspect-ratio buckets (`Bucket`: static shapes) and the crop/resize into them.
 - `tfds_builders`: folder -> array_record TFDS dataset; the cache's own TFDS dataset.
 - `encoding`, `demo`: the frozen VAE / T5 / CLIP on the mesh; tiny generated demo encoders.
 - `cache`, `cache_reader`: `flux-jax cache` (resumable, atomic) and `LatentCacheReader`.
 - `pipeline`: `make_train_iterator`, grain over the cache, deterministic and resumable across hosts.
+- `examples`: the `Example` every source yields, `ExampleSource` / `DataIterator` (the interface the trainer
+  reads), in-memory and `index.json` datasets, the synthetic set and their `BatchIterator`.
+- `inputs`: `open_train_data(cfg)`, the trainer's one entry point, whatever `data` names.
 
-The names below are imported on first use, so ``import flux_jax.data.encoding`` (the encoders alone, e.g. on a
-benchmark machine without grain or TensorFlow) does not pull in the rest.
+Import names from their modules (this file re-exports nothing), so ``import flux_jax.data.encoding`` does not pull in
+grain or TensorFlow.
 """

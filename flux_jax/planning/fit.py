@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from flux_jax.errors import FluxJaxError
+from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import PRESETS, FluxConfig
 from flux_jax.planning import hlo_flops
 from flux_jax.planning.topology import TpuTarget, devices, peak_flops
@@ -200,7 +201,7 @@ def format_report(p: Plan) -> str:
         f"model      {p.model}, base {p.base_dtype}, remat {p.remat}, attention {p.attention}",
         f"mesh       {mesh}",
         f"batch      {p.batch_size} global ({p.per_chip_batch:g} per chip) in {p.grad_accum} micro-batch(es), "
-        f"{p.resolution} px ({(p.resolution // 16) ** 2} image + {p.text_len} text tokens)",
+        f"{p.resolution} px ({packed_seq_len(p.resolution, p.resolution)} image + {p.text_len} text tokens)",
         f"compile    {p.compile_seconds:.0f} s",
         "",
         "per-chip HBM",

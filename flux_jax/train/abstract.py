@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flux_jax.axes import Rules
+from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import state_shardings, use_mesh
@@ -35,7 +36,7 @@ from flux_jax.train.state import (
 )
 from flux_jax.train.step import StepCompiler, check_batch_split
 
-# What the data pipeline caches (flux_jax.train.data; `flux-jax cache` stores bf16): latents, T5 states and the
+# What the data pipeline caches (flux_jax.data; `flux-jax cache` stores bf16): latents, T5 states and the
 # pooled CLIP vector in bf16; BatchIterator adds image position ids in fp32.
 BATCH_DTYPES = {"latents": jnp.bfloat16, "t5": jnp.bfloat16, "clip": jnp.bfloat16, "img_ids": jnp.float32}
 
@@ -57,7 +58,7 @@ class AbstractStep:
     def batch(self, *, batch_size: int, grad_accum: int, resolution: int, text_len: int) -> dict[str, Any]:
         """The abstract batch of the data pipeline: [micro, rows, ...] leaves, square ``resolution`` images."""
         cfg = self.model_config
-        tokens = (resolution // 16) ** 2  # VAE /8, then 2x2 packing
+        tokens = packed_seq_len(resolution, resolution)
         micro, rows = grad_accum, batch_size // grad_accum
         shapes = {
             "latents": (micro, rows, tokens, cfg.in_channels),

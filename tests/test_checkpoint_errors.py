@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
 import struct
 import subprocess
 
@@ -347,3 +348,36 @@ def test_a_killed_conversion_leaves_temporaries_the_next_one_removes(good, tmp_p
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("layout", ["flax", "bfl"])
+def test_sigterm_during_a_conversion_leaves_no_temporary(good, tmp_path, capsys, monkeypatch, layout):
+    """SIGTERM arrives half-way through the tensors: the conversion stops like Ctrl-C and removes its partial copy."""
+    from flux_jax.weights import handle
+
+    dst = tmp_path / ("out.safetensors" if layout == "bfl" else "out")
+    reads = []
+    real_read = handle.FileTensor.read
+
+    def read(self, index):
+        reads.append(self)
+        if len(reads) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(self, index)
+
+    monkeypatch.setattr(handle.FileTensor, "read", read)
+    # Outside the conversion a stray SIGTERM is only recorded, so a regression fails this test instead of ending pytest.
+    missed = []
+
+    def recorder(signum, frame):
+        missed.append(signum)
+
+    original = signal.signal(signal.SIGTERM, recorder)
+    try:
+        rc = main(["convert", str(good[2]), str(dst), "--no-progress", "--layout", layout])
+        assert signal.getsignal(signal.SIGTERM) is recorder  # convert's handler was there only while converting
+        assert not missed and rc == 130
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

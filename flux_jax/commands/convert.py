@@ -8,16 +8,20 @@
 SRC is detected: a BFL single file (fp32 / bf16 / fp16 / fp8 / scaled fp8, optionally ComfyUI-prefixed), a
 diffusers transformer directory, or a Flax checkpoint directory. A LoRA safetensors file (detected by its keys) is
 handed to the LoRA converter (`--format`; `--config` gives it the model config for unusual widths). A tensor holding
-NaN / Inf is an error naming it (`--allow-nonfinite` converts it anyway); temporaries left by a killed conversion to
-the same DST are removed first.
+NaN / Inf is an error naming it (`--allow-nonfinite` converts it anyway). SIGTERM stops a conversion like Ctrl-C
+(the temporary output is removed); the temporaries a SIGKILLed conversion to the same DST left are removed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
+import signal
+import threading
+from collections.abc import Iterator
 
 from flux_jax.atomic import remove_stale_temporaries
 from flux_jax.dtypes import DTYPES
@@ -86,10 +90,33 @@ def _is_lora_file(src: pathlib.Path) -> bool:
         return looks_like_lora(f.keys())
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so the atomic writers remove their temporary output (Python's
+    default SIGTERM ends the process on the spot and leaves a hidden partial copy of DST behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run(args: argparse.Namespace) -> int:
-    remove_stale_temporaries(args.dst)  # a conversion to DST killed earlier (SIGKILL) could not remove its own
+    with _sigterm_interrupts():
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     config = _read_config(args.config)
     if _is_lora_file(args.src):
+        remove_stale_temporaries(args.dst)  # a conversion to DST killed earlier (SIGKILL) could not remove its own
         # allow_nonfinite is passed only when set: the LoRA converter's check (and its keyword) is newer than this.
         extra = {"allow_nonfinite": True} if args.allow_nonfinite else {}
         convert_lora_file(args.src, args.dst, args.format, args.dtype, args.force, config=config, **extra)

@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from flux_jax import typed_config
 from flux_jax.errors import FluxJaxError
 from flux_jax.hardware import Slice, SliceError, parse_slice
 from flux_jax.run_config import load_config
@@ -95,7 +96,7 @@ def mesh_overrides(path: str | Path) -> list[str]:
     """
     path = Path(path)
     load_config(path)
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = typed_config.read_yaml_file(path) or {}  # the config loader's reader: duplicate keys are errors
     return _flatten(raw)
 
 

@@ -3,17 +3,20 @@
 Generic over the dataclass tree (``flux_jax.run_config`` is its one schema today): unknown keys at any depth, wrong
 types and out-of-range values (a ``__post_init__`` raising ``ConfigError(..., key=field)``) are errors that name
 the full dotted key and the file or override they came from. Annotations understood: bool, int, float, str,
-``Literal``, ``X | None``, unions, ``tuple[X, ...]``, fixed tuples and nested dataclasses. YAML is read with
-``yaml.safe_load`` only.
+``Literal``, ``X | None``, unions, ``tuple[X, ...]``, fixed tuples and nested dataclasses. Float fields take
+finite numbers only (``.inf`` / ``.nan`` / ``1e999`` are errors). YAML is read safely (:func:`load_yaml`, a
+``yaml.SafeLoader`` that also refuses duplicate keys at any depth, naming both lines: YAML itself would keep the
+last one silently); a file that is not UTF-8 YAML text is one error line, not a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -24,15 +27,92 @@ from flux_jax.errors import ConfigError
 T = TypeVar("T")
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading YAML
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping holds the same key twice; plain YAML loaders keep the last one and drop the first silently."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+    def __str__(self) -> str:
+        return (
+            f"duplicate key {self.key!r} on line {self.second.line + 1} (first on line {self.first.line + 1}); "
+            "each key may appear once per section"
+        )
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags beyond plain data) whose mappings refuse duplicate keys.
+
+    Keys brought in by a ``<<`` merge may be overridden, as YAML intends; only keys written twice are errors.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base class reports an unhashable key
+                if key in first:
+                    raise DuplicateKeyError(key, first[key], key_node.start_mark)
+                first[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data (dicts, lists, scalars) from YAML ``text``, read safely; duplicate keys raise ``DuplicateKeyError``.
+
+    The one YAML reader of flux-jax's configs: every config file and override value goes through it.
+    """
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error as one line (PyYAML's own messages span several, with a caret excerpt)."""
+    if isinstance(e, DuplicateKeyError):
+        return str(e)
+    if isinstance(e, yaml.reader.ReaderError):  # a control or non-text character: a binary file
+        char = f"#x{e.character:02x}" if isinstance(e.character, int) else repr(e.character)
+        return f"not a YAML text file (character {char} at offset {e.position}: {e.reason})"
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join("; ".join(str(part) for part in (e.context, e.problem) if part).split())
+        return f"invalid YAML at {where}{what}" if where else f"invalid YAML: {what}"
+    return "invalid YAML: " + " ".join(str(e).split())
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The data of the YAML file ``path``; an unreadable, non-text or invalid file is a one-line ``ConfigError``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise ConfigError(f"{path}: not a YAML text file ({problem})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {yaml_error_line(e)}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed loading
+
+
 def load(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -> T:
     """Load ``path`` (YAML) as ``cls``, apply ``key.path=value`` overrides (values parsed as YAML), validate."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = read_yaml_file(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -70,9 +150,9 @@ def parse_override(root: type, item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.path=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: invalid YAML value: {e}") from None
+        raise ConfigError(f"override {item!r}: {yaml_error_line(e)}") from None
     cls: Any = root
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -173,6 +253,13 @@ def _mismatch(value: Any, tp: Any, key: str) -> ConfigError:
     return ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key)
 
 
+def _as_float(value: int | float | str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in canonical form (lists -> tuples)."""
     if _is_dataclass_type(tp):
@@ -223,10 +310,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise _mismatch(value, tp, key)
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-            return float(value)
-        raise _mismatch(value, tp, key)
+            number = _as_float(value)
+        elif isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            number = _as_float(value)
+        else:
+            raise _mismatch(value, tp, key)
+        if not math.isfinite(number):  # .inf / .nan / 1e999: a run would train on inf or NaN without a word
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}", key=key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -3,10 +3,17 @@ leaves no destination behind (not even a hidden temporary)."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
+import logging
+import os
 import pathlib
 import shutil
+import signal
 import struct
+import subprocess
 
 import pytest
 import torch
@@ -165,3 +172,212 @@ def test_failure_mid_stream_leaves_no_output(good, tmp_path, capsys):
     for layout, dst in [("bfl", tmp_path / "out.safetensors"), ("diffusers", tmp_path / "out_dir")]:
         convert_fails(capsys, flax, dst, "single_blocks.modulation.lin.bias", extra=("--layout", layout))
         assert not dst.exists()
+
+
+# -- issue 16: non-finite tensors, refused writes, other formats, stale temporaries -----------------------------
+
+
+@pytest.mark.parametrize("layout", ["flax", "bfl", "diffusers"])
+def test_a_nan_or_inf_tensor_is_refused_naming_it(good, tmp_path, capsys, layout):
+    cfg, bfl, _ = good
+    broken = {k: v.clone() for k, v in bfl.items()}
+    broken["double_blocks.0.img_attn.qkv.weight"][3, 5] = float("nan")
+    broken["double_blocks.0.img_attn.qkv.weight"][7, 1] = float("inf")
+    src = save_bfl(tmp_path / "nan.safetensors", broken, cfg)
+    dst = tmp_path / ("out.safetensors" if layout == "bfl" else "out")
+    name = "transformer_blocks.0.attn.to_q.weight" if layout == "diffusers" else "double_blocks.0.img_attn.qkv.weight"
+    args = ("--layout", layout)
+    err = convert_fails(capsys, src, dst, f"tensor {name} holds", "1 NaN, 1 Inf", "--allow-nonfinite", extra=args)
+    assert "nothing was written" in err and not dst.exists()
+    # The rare deliberate case: written as it is.
+    assert main(["convert", str(src), str(dst), "--no-progress", "--allow-nonfinite", *args]) == 0
+    assert dst.exists()
+
+
+def test_a_value_beyond_the_output_dtype_is_refused_as_inf(good, tmp_path, capsys):
+    cfg, bfl, _ = good
+    big = {k: v.clone() for k, v in bfl.items()}
+    big["final_layer.linear.bias"][0] = 1e6  # finite in fp32, Inf in fp16
+    src = save_bfl(tmp_path / "big.safetensors", big, cfg)
+    dst = tmp_path / "out.safetensors"
+    extra = ("--layout", "bfl", "--dtype", "fp16")
+    convert_fails(capsys, src, dst, "tensor final_layer.linear.bias as float16 holds", "0 NaN, 1 Inf", extra=extra)
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("pickled", ["zip", "legacy"])
+def test_a_pytorch_pickle_named_safetensors(tmp_path, capsys, pickled):
+    src = tmp_path / "flux1-dev.safetensors"
+    torch.save({"w": torch.zeros(4, 4)}, src, _use_new_zipfile_serialization=pickled == "zip")
+    err = convert_fails(capsys, src, tmp_path / "out", "not a safetensors file", "pickle")
+    assert "truncated" not in err and "exceeds" not in err
+
+
+class _ReadOnly:
+    """Make `directory` refuse every write as a read-only filesystem does (a test as root cannot chmod it away)."""
+
+    def __init__(self, monkeypatch, directory: pathlib.Path, code: int = errno.EROFS):
+        self.directory, self.code = str(directory), code
+        real_mkdir, real_open, real_os_open, real_unlink = os.mkdir, builtins.open, os.open, os.unlink
+
+        def refuse(path):
+            raise OSError(self.code, os.strerror(self.code), os.fspath(path))
+
+        def mkdir(path, *args, **kwargs):
+            return refuse(path) if self._inside(path) else real_mkdir(path, *args, **kwargs)
+
+        def open_(path, mode="r", *args, **kwargs):
+            writing = any(c in mode for c in "wax+")
+            return refuse(path) if writing and self._inside(path) else real_open(path, mode, *args, **kwargs)
+
+        def os_open(path, flags, *args, **kwargs):
+            writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            return refuse(path) if writing and self._inside(path) else real_os_open(path, flags, *args, **kwargs)
+
+        def unlink(path, *args, **kwargs):  # even removing what was never created fails on a read-only mount
+            return refuse(path) if self._inside(path) else real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(os, "unlink", unlink)
+
+    def _inside(self, path) -> bool:
+        return isinstance(path, str | os.PathLike) and os.path.abspath(os.fspath(path)).startswith(self.directory + "/")
+
+
+@pytest.mark.parametrize("layout", ["flax", "bfl", "diffusers"])
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["EROFS", "EACCES"])
+def test_a_read_only_destination_is_one_line(good, tmp_path, capsys, monkeypatch, layout, code):
+    out = tmp_path / "ro"
+    out.mkdir()
+    dst = out / ("model.safetensors" if layout == "bfl" else "model")
+    _ReadOnly(monkeypatch, out, code)
+    reason = os.strerror(code)
+    err = convert_fails(
+        capsys, good[2], dst, f"cannot write ({reason[0].lower()}{reason[1:]})", extra=("--layout", layout), culprit=dst
+    )
+    assert err == f"flux-jax convert: error: {dst}: cannot write ({reason[0].lower()}{reason[1:]})"
+    assert list(out.iterdir()) == []
+
+
+class _FullDisk:
+    """A disk that fills up after `room` bytes: os.write and every file opened for writing raise ENOSPC."""
+
+    def __init__(self, monkeypatch, room: int):
+        self.room = room
+        real_write, real_open = os.write, builtins.open
+        disk = self
+
+        def write(fd, data):
+            disk.take(len(data))
+            return real_write(fd, data)
+
+        class File(io.FileIO):
+            def write(self, data):
+                disk.take(memoryview(data).nbytes)
+                return super().write(data)
+
+        def open_(path, mode="r", *args, **kwargs):
+            if "w" in mode and "b" in mode and isinstance(path, str | os.PathLike):
+                return io.BufferedWriter(File(path, "w"))
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(builtins, "open", open_)
+
+    def take(self, n: int) -> None:
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+
+
+@pytest.mark.parametrize("layout", ["flax", "bfl", "diffusers"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(good, tmp_path, capsys, monkeypatch, layout):
+    dst = tmp_path / ("model.safetensors" if layout == "bfl" else "model")
+    _FullDisk(monkeypatch, room=good[2].stat().st_size // 2)  # runs out half-way through the output
+    err = convert_fails(capsys, good[2], dst, extra=("--layout", layout), culprit=dst)
+    assert (
+        err == f"flux-jax convert: error: {dst}: cannot write (no space left on device); the partial output was removed"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_converting_a_lora_is_one_line(good, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "lora.safetensors"
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(4, 64),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(192, 4),
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(4.0),
+        },
+        str(src),
+    )
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(good[0].to_json()))
+    dst = tmp_path / "out.safetensors"
+    _FullDisk(monkeypatch, room=1000)
+    err = convert_fails(capsys, src, dst, extra=("--format", "diffusers", "--config", str(config)), culprit=dst)
+    assert err.endswith(f"{dst}: cannot write (no space left on device); the partial output was removed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "lora.safetensors"]
+
+
+def test_a_killed_conversion_leaves_temporaries_the_next_one_removes(good, tmp_path, caplog):
+    """SIGKILL leaves `.DST.tmp-PID-*`; the next run for DST removes those of dead processes, never a live one's."""
+    from flux_jax.atomic import _host
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dst = tmp_path / "flax"
+        stale = [tmp_path / f".flax.tmp-{dead.pid}-deadbeef", tmp_path / f".flax.tmp-{dead.pid}-{_host()}-0123abcd"]
+        stale[0].mkdir()
+        (stale[0] / "double_blocks.img_attn.qkv.kernel").mkdir()
+        (stale[0] / "double_blocks.img_attn.qkv.kernel" / "0.0.0").write_bytes(bytes(1000))
+        stale[1].mkdir()
+        busy = tmp_path / f".flax.tmp-{live.pid}-{_host()}-89abcdef"
+        busy.mkdir()
+        (busy / "chunk").write_bytes(b"being written")
+        with caplog.at_level(logging.WARNING, logger="flux_jax.atomic"):
+            assert main(["convert", str(good[2]), str(dst), "--no-progress"]) == 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, "flax"])
+        assert (busy / "chunk").read_bytes() == b"being written"
+        for path in stale:
+            assert f"removed {path}, left behind by process {dead.pid}, which is no longer running" in caplog.text
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.parametrize("layout", ["flax", "bfl"])
+def test_sigterm_during_a_conversion_leaves_no_temporary(good, tmp_path, capsys, monkeypatch, layout):
+    """SIGTERM arrives half-way through the tensors: the conversion stops like Ctrl-C and removes its partial copy."""
+    from flux_jax.weights import handle
+
+    dst = tmp_path / ("out.safetensors" if layout == "bfl" else "out")
+    reads = []
+    real_read = handle.FileTensor.read
+
+    def read(self, index):
+        reads.append(self)
+        if len(reads) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(self, index)
+
+    monkeypatch.setattr(handle.FileTensor, "read", read)
+    # Outside the conversion a stray SIGTERM is only recorded, so a regression fails this test instead of ending pytest.
+    missed = []
+
+    def recorder(signum, frame):
+        missed.append(signum)
+
+    original = signal.signal(signal.SIGTERM, recorder)
+    try:
+        rc = main(["convert", str(good[2]), str(dst), "--no-progress", "--layout", layout])
+        assert signal.getsignal(signal.SIGTERM) is recorder  # convert's handler was there only while converting
+        assert not missed and rc == 130
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -13,6 +13,7 @@ import pytest
 import tensorstore as ts
 import torch
 from flax import nnx
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flux_jax import load_flux
@@ -141,11 +142,43 @@ def _lora_file(path: pathlib.Path) -> pathlib.Path:
 
 def test_lora_files_go_to_the_lora_converter(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(convert_command, "convert_lora_file", lambda *args: calls.append(args))
+    monkeypatch.setattr(convert_command, "convert_lora_file", lambda *args, **kwargs: calls.append((args, kwargs)))
     src, dst = _lora_file(tmp_path / "lora.safetensors"), tmp_path / "out.safetensors"
     argv = ["convert", str(src), str(dst), "--format", "diffusers", "--dtype", "bf16", "--force"]
     assert main(argv) == 0
-    assert calls == [(src, dst, "diffusers", "bf16", True)]
+    assert calls == [((src, dst, "diffusers", "bf16", True), {"config": None})]
+    assert main([*argv, "--allow-nonfinite"]) == 0
+    assert calls[1] == ((src, dst, "diffusers", "bf16", True), {"config": None, "allow_nonfinite": True})
+
+
+def test_config_option_for_a_lora_of_unusual_width(model_dir, tmp_path, capsys):
+    """A diffusers LoRA of a 64-wide model (q/k/v pieces, no config in the file) needs the model config to fuse:
+    the error says "pass the model config", and `--config` is what passes it (issue 16, case 10)."""
+    from safetensors.numpy import save_file as save_numpy
+
+    cfg, _, _ = model_dir
+    h, r = cfg.hidden_size, 4
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for piece in ("to_q", "to_k", "to_v"):
+        tensors[f"transformer.transformer_blocks.0.attn.{piece}.lora_A.weight"] = rng.normal(size=(r, h)).astype("f4")
+        tensors[f"transformer.transformer_blocks.0.attn.{piece}.lora_B.weight"] = rng.normal(size=(h, r)).astype("f4")
+    src = tmp_path / "lora.safetensors"
+    save_numpy(tensors, str(src))
+    out = tmp_path / "kohya.safetensors"
+    assert main(["convert", str(src), str(out), "--format", "kohya"]) == 2
+    assert "pass the model config" in capsys.readouterr().err and not out.exists()
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.to_json()))
+    assert main(["convert", str(src), str(out), "--format", "kohya", "--config", str(config)]) == 0
+    with safe_open(str(out), "np") as f:
+        up = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight")
+        down = f.get_tensor("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight")
+    # Fused: the three pieces side by side (rank 3r), each up block in its rows.
+    assert down.shape == (3 * r, h) and up.shape == (3 * h, 3 * r)
+    q_down = tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    q_up = tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    np.testing.assert_allclose((up @ down)[:h], q_up @ q_down, rtol=1e-5, atol=1e-5)
 
 
 def test_format_is_for_lora_files_only(model_dir, tmp_path, capsys):

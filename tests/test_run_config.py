@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flux_jax import typed_config
 from flux_jax.axes import DEFAULT_RULES
 from flux_jax.commands.demo import DEMO_CONFIG
 from flux_jax.errors import ConfigError
@@ -234,3 +235,100 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(write(tmp_path, "train: [\n"))
+
+
+# -- non-finite numbers, duplicate keys, files that are not YAML text (issue 16, cases 4, 7 and 8) --------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("optim:\n  lr: .inf\n", "optim.lr", "inf"),
+        ("optim:\n  lr: -.inf\n", "optim.lr", "-inf"),
+        ("optim:\n  b2: .nan\n", "optim.b2", "nan"),
+        ("optim:\n  lr: 1e999\n", "optim.lr", "'1e999'"),  # a YAML 1.1 string that float() reads as inf
+        ("lora:\n  alpha: .inf\n", "lora.alpha", "inf"),
+        ("optim:\n  clip_norm: .inf\n", "optim.clip_norm", "inf"),  # float | None
+        ("train:\n  guidance_range: [1.0, .inf]\n", "train.guidance_range[1]", "inf"),  # inside a tuple
+    ],
+)
+def test_non_finite_numbers_are_errors(tmp_path: Path, text: str, key: str, value: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {key}: must be a finite number, got {value}"
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=.NaN", "optim={lr: .inf}"])
+def test_non_finite_overrides_name_the_override(tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "optim:\n  lr: 1.0e-4\n"), [override])
+    assert str(err.value).startswith(f"override {override!r}: optim.lr: must be a finite number")
+
+
+def test_non_finite_numbers_are_refused_when_building_from_data() -> None:
+    with pytest.raises(ConfigError, match=r"optim.lr: must be a finite number, got nan"):
+        from_dict({"optim": {"lr": float("nan")}})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A second `train:` section used to replace the first (batch_size 8 silently became the default).
+        (
+            "train:\n  batch_size: 8\n  steps: 3\noptim:\n  lr: 1.0e-4\ntrain:\n  steps: 5\n",
+            "duplicate key 'train' on line 6 (first on line 1)",
+        ),
+        ("optim:\n  lr: 1.0e-4\n  b1: 0.9\n  lr: 3.0e-4\n", "duplicate key 'lr' on line 4 (first on line 2)"),
+        ("mesh: {data: 1, fsdp: 2, data: 4}\n", "duplicate key 'data' on line 1 (first on line 1)"),
+        ("lora:\n  targets: [attn]\n  rank: 4\n  rank: 4\n", "duplicate key 'rank' on line 4 (first on line 3)"),
+    ],
+)
+def test_duplicate_keys_are_errors_naming_both_lines(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_duplicate_keys_in_an_override_value_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"override 'train=\{steps: 1, steps: 2\}': duplicate key 'steps'"):
+        load_config(write(tmp_path, "train:\n  steps: 5\n"), ["train={steps: 1, steps: 2}"])
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    """`<<: *anchor` then an explicit key is YAML's way to override: not a duplicate."""
+    text = "x-opt: &opt {lr: 1.0e-4, b1: 0.8}\n"
+    cfg = typed_config.read_yaml_file(write(tmp_path, text + "optim:\n  <<: *opt\n  lr: 2.0e-4\n"))
+    assert cfg["optim"] == {"lr": 2.0e-4, "b1": 0.8}
+
+
+def test_yaml_is_still_read_safely(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="could not determine a constructor"):
+        load_config(write(tmp_path, "model:\n  base: !!python/object/apply:os.system [echo hi]\n"))
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xd8", "not a YAML text file (not UTF-8: byte 0x89 at offset 0)"),
+        (b"train:\n  steps: 3\n\x00\x01\x02", "not a YAML text file (character #x00 at offset 18"),
+    ],
+)
+def test_a_binary_config_file_is_one_line(tmp_path: Path, data: bytes, problem: str) -> None:
+    path = tmp_path / "photo.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {problem}")
+    assert "\n" not in str(err.value)
+
+
+def test_invalid_yaml_is_one_line_with_its_position(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  steps: 3\n  batch_size: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: invalid YAML at line 4, column 1:")
+    assert "\n" not in str(err.value)

@@ -520,3 +520,173 @@ def test_atomic_dir(tmp_path):
         (tmp / "b").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     _assert_only(tmp_path, {"ckpt"})
+
+
+# -- other formats under a .safetensors name (issue 16, case 8) --------------------------------------------------
+
+
+def _torch_zip(path: pathlib.Path) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(4, 4)}, path)  # torch's default: a zip holding a pickle
+
+
+def _torch_legacy(path: pathlib.Path) -> None:
+    import torch
+
+    torch.save({"w": torch.zeros(4, 4)}, path, _use_new_zipfile_serialization=False)  # a bare pickle stream
+
+
+def _pickle(protocol: int):
+    def write(path: pathlib.Path) -> None:
+        import pickle
+
+        path.write_bytes(pickle.dumps({"w": list(range(300))}, protocol=protocol))
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("write", "what"),
+    [
+        (_torch_zip, "a zip archive (PyTorch's torch.save format"),
+        (_torch_legacy, "a Python pickle"),
+        (_pickle(2), "a Python pickle"),
+        (_pickle(5), "a Python pickle"),
+        (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64)), "a GGUF file"),
+    ],
+    ids=["torch_zip", "torch_legacy", "pickle2", "pickle5", "gguf"],
+)
+def test_other_formats_named_safetensors_say_what_they_are(tmp_path, write, what):
+    path = tmp_path / "model.safetensors"
+    write(path)
+    with pytest.raises(CheckpointError) as info:
+        SafetensorsFile(path)
+    assert str(info.value).startswith(f"{path}: not a safetensors file: {what}")
+    assert "truncated" not in str(info.value) and "exceeds" not in str(info.value)
+
+
+def test_a_plausible_length_without_a_json_header_is_not_called_truncated(tmp_path):
+    path = raw_file(tmp_path / "junk.safetensors", b"\x00junk", header_len=4096)
+    with pytest.raises(CheckpointError, match="not a safetensors file") as info:
+        SafetensorsFile(path)
+    assert "truncated" not in str(info.value)
+
+
+# -- atomic outputs: refused writes, cleanup, stale temporaries (issue 16, cases 8 and 9) ------------------------
+
+
+def test_cleanup_never_hides_the_first_error(tmp_path, monkeypatch):
+    """On a read-only filesystem even unlinking a never-created temporary fails (EROFS); the body's error wins."""
+    import errno
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(RuntimeError, match="the first error"), atomic_file(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+        raise RuntimeError("the first error")
+
+
+def test_a_failed_restore_never_hides_the_first_error(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((pathlib.Path(src).name, pathlib.Path(dst).name))
+        if len(calls) == 2:  # the new directory into place
+            raise RuntimeError("the first error")
+        if len(calls) == 3:  # putting the old one back
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(RuntimeError, match="the first error"), atomic_dir(out, force=True) as tmp:
+        (tmp / "a").write_text("1")
+    assert len(calls) == 3 and "could not move the previous" in caplog.text
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_is_one_error_naming_the_destination(tmp_path, monkeypatch, code):
+    import errno
+
+    path = tmp_path / "out.safetensors"
+    save_file(path, {"old": np.arange(3, dtype=np.int32)})
+    before = path.read_bytes()
+
+    def produce(name: str) -> np.ndarray:
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    with pytest.raises(FluxJaxError) as info:
+        write_safetensors(path, [("w", "F32", (2,))], produce)
+    reason = os.strerror(getattr(errno, code))
+    assert str(info.value) == f"{path}: cannot write ({reason[0].lower()}{reason[1:]}); the partial output was removed"
+    assert isinstance(info.value, OSError) and info.value.errno == getattr(errno, code)
+    assert path.read_bytes() == before
+    _assert_only(tmp_path, {"out.safetensors"})
+
+
+def test_an_unreadable_input_is_not_blamed_on_the_destination(tmp_path):
+    """A permission error about another file (an input) passes through unchanged."""
+    with pytest.raises(PermissionError) as info, atomic_file(tmp_path / "out.txt"):
+        raise PermissionError(13, "Permission denied", "/somewhere/else/input.safetensors")
+    assert info.value.filename == "/somewhere/else/input.safetensors"
+    _assert_only(tmp_path, set())
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: no process has this pid now
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, caplog):
+    import subprocess
+
+    from flux_jax.atomic import _host, remove_stale_temporaries
+
+    dead = _dead_pid()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        path = tmp_path / "out"
+        names = {
+            "old_style": f".out.tmp-{dead}-deadbeef",  # what earlier versions wrote (no host)
+            "dead": f".out.tmp-{dead}-{_host()}-0123abcd",
+            "dead_dir": f".out.tmp-{dead}-{_host()}-89abcdef",
+            "live": f".out.tmp-{live.pid}-{_host()}-00000000",
+            "other_host": f".out.tmp-{dead}-{_host()}x-11111111",  # same pid, another machine
+            "other_file": f".out2.tmp-{dead}-{_host()}-22222222",
+            "old_copy": f".out.old-{dead}-{_host()}-33333333",  # out is missing: the only copy of the old output
+        }
+        for key, name in names.items():
+            if key == "dead_dir":
+                (tmp_path / name).mkdir()
+                (tmp_path / name / "chunk").write_bytes(b"x" * 100)
+            else:
+                (tmp_path / name).write_bytes(b"partial")
+        removed = remove_stale_temporaries(path)
+        assert sorted(p.name for p in removed) == sorted([names["old_style"], names["dead"], names["dead_dir"]])
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {names[k] for k in ("live", "other_host", "other_file", "old_copy")}
+        assert f"left behind by process {dead}, which is no longer running" in caplog.text
+        assert "holds its previous version" in caplog.text
+        # Once `out` exists again, the set-aside old copy is stale too.
+        path.mkdir()
+        assert [p.name for p in remove_stale_temporaries(path)] == [names["old_copy"]]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_temporaries_name_their_process_and_host(tmp_path):
+    from flux_jax.atomic import _TEMP_RE, _host
+
+    with atomic_file(tmp_path / "f.txt") as tmp:
+        m = _TEMP_RE.fullmatch(tmp.name.removeprefix(".f.txt."))
+        assert m is not None and int(m["pid"]) == os.getpid() and m["host"] == _host()
+        tmp.write_text("x")

@@ -507,6 +507,14 @@ def test_mesh_overrides_reject_a_bad_file(tmp_path: Path) -> None:
         mesh_overrides(path)
 
 
+def test_mesh_overrides_reject_a_duplicate_key(tmp_path: Path) -> None:
+    """A second `mesh:` section would silently replace the first: an error naming both lines (issue 16, case 7)."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("mesh:\n  data: 1\n  fsdp: 8\ntrain:\n  batch_size: 8\nmesh:\n  fsdp: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: duplicate key 'mesh' on line 6 \(first on line 1\)"):
+        mesh_overrides(path)
+
+
 def test_required_mesh_configs_exist() -> None:
     names = {p.stem for p in MESH_YAMLS}
     assert {"v4-8", "v5e-4", "v5e-8", "v5e-16", "v5p-8", "v6e-8", "v5e-256"} <= names

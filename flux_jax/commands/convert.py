@@ -7,16 +7,23 @@
 
 SRC is detected: a BFL single file (fp32 / bf16 / fp16 / fp8 / scaled fp8, optionally ComfyUI-prefixed), a
 diffusers transformer directory, or a Flax checkpoint directory. A LoRA safetensors file (detected by its keys) is
-handed to the LoRA converter (`--format`).
+handed to the LoRA converter (`--format`; `--config` gives it the model config for unusual widths). A tensor holding
+NaN / Inf is an error naming it (`--allow-nonfinite` converts it anyway). SIGTERM stops a conversion like Ctrl-C
+(the temporary output is removed); the temporaries a SIGKILLed conversion to the same DST left are removed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
+import signal
+import threading
+from collections.abc import Iterator
 
+from flux_jax.atomic import remove_stale_temporaries
 from flux_jax.dtypes import DTYPES
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.export import convert_lora_file
@@ -53,8 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"diffusers layout: maximum shard size, e.g. 5GB (default {DEFAULT_SHARD_BYTES // 10**9}GB)",
     )
-    parser.add_argument("--config", type=pathlib.Path, default=None, help="FluxConfig JSON, for unusual shapes")
+    parser.add_argument(
+        "--config", type=pathlib.Path, default=None, help="FluxConfig JSON, for unusual shapes (base or LoRA files)"
+    )
     parser.add_argument("--format", choices=LORA_FORMATS, default=None, help="LoRA files only: output LoRA format")
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write tensors holding NaN / Inf (by default the first one is an error and nothing is written)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,9 +90,36 @@ def _is_lora_file(src: pathlib.Path) -> bool:
         return looks_like_lora(f.keys())
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so the atomic writers remove their temporary output (Python's
+    default SIGTERM ends the process on the spot and leaves a hidden partial copy of DST behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run(args: argparse.Namespace) -> int:
+    with _sigterm_interrupts():
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    config = _read_config(args.config)
     if _is_lora_file(args.src):
-        convert_lora_file(args.src, args.dst, args.format, args.dtype, args.force)
+        remove_stale_temporaries(args.dst)  # a conversion to DST killed earlier (SIGKILL) could not remove its own
+        # allow_nonfinite is passed only when set: the LoRA converter's check (and its keyword) is newer than this.
+        extra = {"allow_nonfinite": True} if args.allow_nonfinite else {}
+        convert_lora_file(args.src, args.dst, args.format, args.dtype, args.force, config=config, **extra)
         return 0
     if args.format is not None:
         raise FluxJaxError(f"{args.src}: --format applies to LoRA files; this is a base checkpoint (use --layout)")
@@ -89,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
         layout=args.layout,
         dtype=args.dtype,
         force=args.force,
-        config=_read_config(args.config),
+        config=config,
         max_shard_bytes=shard,
         progress=not args.no_progress,
+        allow_nonfinite=args.allow_nonfinite,
     )
     gb = result.bytes_written / 1e9
     log.info(

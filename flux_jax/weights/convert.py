@@ -3,7 +3,9 @@
 The one function behind `flux-jax convert` and the scripts in `convert/`. The direction follows from the source:
 PyTorch weights become a Flax checkpoint, a Flax checkpoint becomes PyTorch weights (BFL single file by default);
 `layout=` picks any output explicitly (e.g. diffusers -> BFL, or fp8 BFL -> bf16 BFL). Every output is written to
-a temporary sibling and renamed into place when complete, so a failure never leaves a partial destination.
+a temporary sibling and renamed into place when complete, so a failure never leaves a partial destination; the
+temporaries of an earlier conversion to the same destination that was killed (SIGKILL, power loss) are removed
+first. Every tensor is checked for NaN / Inf as it is written (`allow_nonfinite=True` skips the check).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from flux_jax.atomic import OutputExistsError
+from flux_jax.atomic import OutputExistsError, remove_stale_temporaries
 from flux_jax.dtypes import DTYPES, parse_dtype, storage_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.model.config import FluxConfig
@@ -97,6 +99,7 @@ def convert_checkpoint(
     config: FluxConfig | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ConversionResult:
     """Convert the Flux transformer checkpoint at `src` into `dst`.
 
@@ -105,11 +108,14 @@ def convert_checkpoint(
     dtype: "fp32" / "bf16" / "fp16" / "fp8", or None to keep the stored dtype (see `default_dtype`).
     force: replace an existing `dst` (only after the new one is complete).
     progress: show a tqdm progress bar in bytes written.
+    allow_nonfinite: write tensors holding NaN / Inf; by default the first one fails the conversion
+      (`NonFiniteError`, naming it) and nothing is written.
     """
     src, dst = pathlib.Path(src), pathlib.Path(dst)
     if layout is not None and layout not in OUTPUT_LAYOUTS:
         raise FluxJaxError(f"unknown output layout {layout!r}; choose one of {', '.join(OUTPUT_LAYOUTS)}")
     target = None if dtype is None else parse_dtype(dtype)
+    remove_stale_temporaries(dst)  # left by an earlier run for this destination that was killed
     # Refuse before reading anything: an existing output is the cheapest mistake to report.
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
@@ -129,14 +135,13 @@ def convert_checkpoint(
             bar.update(n)
 
         try:
+            options = {"force": force, "progress": step, "allow_nonfinite": allow_nonfinite}
             if layout == "flax":
-                write_flax_checkpoint(ckpt, dst, dtype=target, force=force, progress=step)
+                write_flax_checkpoint(ckpt, dst, dtype=target, **options)
             elif layout == "bfl":
-                write_flux_bfl(ckpt, dst, dtype=target, force=force, progress=step)
+                write_flux_bfl(ckpt, dst, dtype=target, **options)
             else:
-                write_flux_diffusers(
-                    ckpt, dst, dtype=target, force=force, progress=step, max_shard_bytes=max_shard_bytes
-                )
+                write_flux_diffusers(ckpt, dst, dtype=target, max_shard_bytes=max_shard_bytes, **options)
         finally:
             bar.close()
         return ConversionResult(

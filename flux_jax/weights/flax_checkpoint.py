@@ -50,6 +50,7 @@ from flux_jax.dtypes import storage_dtype
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
+from flux_jax.weights.finite import check_finite
 from flux_jax.weights.flax_layout import StatePath, expected_leaves, flax_layer_sources
 from flux_jax.weights.fp8 import cast
 from flux_jax.weights.handle import FileTensor, FluxCheckpoint, validate_keys
@@ -128,14 +129,22 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def _write_layer(
-    leaf_dir: pathlib.Path, block: np.ndarray, layer: int | None, rows_per_chunk: int
+    leaf_dir: pathlib.Path,
+    block: np.ndarray,
+    layer: int | None,
+    rows_per_chunk: int,
+    finite: tuple[str, str, np.dtype] | None = None,
 ) -> list[pathlib.Path]:
     """Write one layer's zarr v2 chunk files: raw little-endian C-order bytes, named by chunk index ("3.1.0").
 
     Our chunks tile the array exactly (whole layers, a divisor of the rows, all columns), so every chunk is a
     contiguous run of `block` and goes to disk straight from it, with no copy. Not fsynced here: the kernel
-    writes back in the background while the next layers are converted (see `_fsync_all`).
+    writes back in the background while the next layers are converted (see `_fsync_all`). `finite`: (tensor name,
+    source name, source dtype) to check the block for NaN / Inf first (here, in the writer thread, so the check
+    overlaps the next layer's read and cast).
     """
+    if finite is not None:
+        check_finite(block, finite[0], finite[1], stored=finite[2])
     data = np.ascontiguousarray(block).view(np.uint8).reshape(block.shape[0], -1)
     lead = [] if layer is None else [layer]
     trailing = [0] * (block.ndim - 1)
@@ -172,12 +181,15 @@ def write_flax_checkpoint(
     dtype,
     force: bool = False,
     progress: Callable[[int], object] | None = None,
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
     """Write `ckpt` (any opened checkpoint) as a Flax checkpoint at `dst`, streaming one layer at a time.
 
     dtype: the storage dtype (fp32 / bf16 / fp16 / float8_e4m3fn; fp8 applies to kernels only). The output is
     atomic: written into a temporary sibling and renamed into place only when complete; an existing `dst` is
-    refused unless `force`. `progress(nbytes)` is called after each layer with the bytes written.
+    refused unless `force`. `progress(nbytes)` is called after each layer with the bytes written. A layer holding
+    NaN / Inf (after the cast) fails the write with `NonFiniteError`, naming its BFL tensor, unless
+    `allow_nonfinite`.
 
     Each zarr array's `.zarray` is created by tensorstore (so the metadata is exactly what tensorstore and orbax
     read); its chunk files are written here directly, which costs about half the CPU of tensorstore's writer.
@@ -187,6 +199,11 @@ def write_flax_checkpoint(
     cfg = ckpt.config
     dst = pathlib.Path(dst)
     layers = flax_layer_sources(cfg, ckpt.tensors)
+    # The BFL key of each layer of each leaf, to name a non-finite tensor the way the source file does.
+    bfl_names = {
+        path: [f"{flux_keys.fill(entry.bfl, i)}.{suffix}" for i in flux_keys.layer_indices(cfg, entry)]
+        for path, entry, suffix in flux_keys.flax_leaves(cfg)
+    }
     with atomic_dir(dst, force=force) as tmp, ThreadPoolExecutor(1, thread_name_prefix="flux_jax_write") as writer:
         shapes: dict[StatePath, tuple[int, ...]] = {}
         # Writes in flight, with their buffers; a buffer of the current shape is recycled once written (a fresh
@@ -216,7 +233,9 @@ def write_flax_checkpoint(
             for i, src in enumerate(per_layer):
                 block = _read_cast(src, target, free.pop() if free else np.empty(src.shape, target))
                 layer = i if stacked else None
-                pending.append((writer.submit(_write_layer, leaf_dir, block, layer, rows_per_chunk), block))
+                finite = None if allow_nonfinite else (bfl_names[path][i], str(ckpt.path), src.dtype)
+                job = writer.submit(_write_layer, leaf_dir, block, layer, rows_per_chunk, finite)
+                pending.append((job, block))
                 while len(pending) >= WRITES_IN_FLIGHT:
                     fut, done = pending.pop(0)
                     written += fut.result()

@@ -106,11 +106,14 @@ def _cast_contiguous(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
         out = np.empty(block.shape, dtype)
         _lookup(np.ascontiguousarray(block).view(np.uint8), block.dtype, dtype, out.view(f"u{dtype.itemsize}"))
         return out
-    if dtype in FP8_DTYPES and block.dtype != dtype:
-        wide = np.asarray(block, dtype=np.float32)
-        limit = fp8_max(dtype)
-        return np.clip(wide, -limit, limit).astype(dtype)  # clip keeps NaN; then one rounding step
-    return np.array(block, dtype=dtype, order="C", copy=True)
+    # A value beyond the target's range becomes Inf without numpy's RuntimeWarning: the writers' finite check
+    # names the tensor instead (weights.finite), in one line.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype in FP8_DTYPES and block.dtype != dtype:
+            wide = np.asarray(block, dtype=np.float32)
+            limit = fp8_max(dtype)
+            return np.clip(wide, -limit, limit).astype(dtype)  # clip keeps NaN; then one rounding step
+        return np.array(block, dtype=dtype, order="C", copy=True)
 
 
 # Rows of the source converted per tile of a transposing cast: the tile (and its transpose) stays in L2 cache.

@@ -98,6 +98,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Formats that are sometimes saved under a .safetensors name; recognised so the error says what the file is.
+_PICKLE = "a Python pickle (a PyTorch .pt / .ckpt / .bin checkpoint?), which flux-jax never loads: pickles can run code"
+_MAGIC = (
+    (b"PK\x03\x04", "a zip archive (PyTorch's torch.save format, a pickle inside), which flux-jax never loads"),
+    (b"GGUF", "a GGUF file (llama.cpp / ComfyUI-GGUF quantised weights)"),
+    (b"\x89HDF", "an HDF5 file"),
+)
+
+
+def _foreign_format(prefix: bytes) -> str | None:
+    """What the file is instead, when its first bytes are another format's signature (None when unrecognised)."""
+    for magic, what in _MAGIC:
+        if prefix.startswith(magic):
+            return what
+    if len(prefix) >= 2 and prefix[0] == 0x80 and 2 <= prefix[1] <= 5:  # pickle PROTO opcode, protocols 2-5
+        return _PICKLE
+    return None
+
+
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     # json.loads silently keeps the last of duplicate keys; two entries for one tensor means corruption.
     out: dict[str, Any] = {}
@@ -144,16 +163,26 @@ class SafetensorsFile:
                 if len(prefix) < 8:
                     raise self._error(f"truncated: file has {size} bytes, fewer than the 8-byte header length")
                 (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > size - 8:
-                    raise self._error(
-                        f"header length {header_len} bytes exceeds file size ({size} bytes, "
-                        f"{size - 8} after the length prefix): truncated or not a safetensors file"
-                    )
+                foreign = _foreign_format(prefix)
+                if foreign is not None and (header_len > min(size - 8, MAX_HEADER_BYTES) or f.read(1) != b"{"):
+                    raise self._error(f"not a safetensors file: {foreign}")
                 if header_len > MAX_HEADER_BYTES:
                     raise self._error(
                         f"header length {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit "
                         f"(file size {size} bytes): not a safetensors file"
                     )
+                if header_len > size - 8:
+                    f.seek(8)
+                    why = (
+                        "truncated, or its length prefix is corrupt"
+                        if f.read(1) == b"{"
+                        else "not a safetensors file (no JSON header follows the length prefix)"
+                    )
+                    raise self._error(
+                        f"header length {header_len} bytes exceeds file size ({size} bytes, "
+                        f"{size - 8} after the length prefix): {why}"
+                    )
+                f.seek(8)
                 raw = f.read(header_len)
         except OSError as e:
             raise self._error(f"cannot read: {e}") from e

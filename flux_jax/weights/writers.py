@@ -5,7 +5,9 @@ checkpoints included) or a live `Flux` model (its stacked leaves are sliced one 
 through `write_safetensors`: each tensor is read, cast and written before the next, so host memory stays at one
 tensor. The key table (`flux_keys`) decides every name, split and half swap. With the dtype unchanged the bytes
 round-trip exactly. Our FluxConfig travels in the safetensors metadata (`CONFIG_METADATA_KEY`) so that configs
-the shapes cannot determine (a tiny test model's RoPE axes) are read back exactly.
+the shapes cannot determine (a tiny test model's RoPE axes) are read back exactly. Every tensor is checked for
+NaN / Inf as it is written (`weights.finite`): a non-finite one fails the write, naming it, unless
+`allow_nonfinite`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metada
 from flux_jax.model.flux import Flux
 from flux_jax.weights import flux_keys
 from flux_jax.weights.checkpoint import DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS
+from flux_jax.weights.finite import check_finite
 from flux_jax.weights.fp8 import cast
 from flux_jax.weights.handle import FluxCheckpoint
 from flux_jax.weights.safetensors_file import write_safetensors
@@ -73,15 +76,27 @@ def _config_and_tensors(source: FluxCheckpoint | Flux) -> tuple[FluxConfig, Mapp
     return source.config, source.tensors
 
 
+def _source_name(source: FluxCheckpoint | Flux) -> str:
+    return "the model" if isinstance(source, Flux) else str(source.path)
+
+
 def _target(src: Source, dtype) -> np.dtype:
     return np.dtype(src.dtype) if dtype is None else np.dtype(dtype)
 
 
-def _producer(sources: Mapping[str, Source], targets: Mapping[str, np.dtype]) -> Callable[[str], np.ndarray]:
+def _producer(
+    sources: Mapping[str, Source], targets: Mapping[str, np.dtype], finite_in: str | None
+) -> Callable[[str], np.ndarray]:
+    """Read, cast and (unless `finite_in` is None) check one tensor; `finite_in` names the source in errors."""
+
     def produce(key: str) -> np.ndarray:
         block = read_all(sources[key])
         # A kernel read back as a PyTorch weight is a transposed view: `cast` copies it in cache-sized tiles.
-        return block if block.dtype == targets[key] and block.flags.c_contiguous else cast(block, targets[key])
+        if block.dtype != targets[key] or not block.flags.c_contiguous:
+            block = cast(block, targets[key])
+        if finite_in is not None:
+            check_finite(block, key, finite_in, stored=sources[key].dtype)
+        return block
 
     return produce
 
@@ -103,15 +118,20 @@ def write_flux_bfl(
     dtype=None,
     force: bool = False,
     progress: Progress = None,
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
-    """Write a BFL single file (`flux1-dev.safetensors` layout). dtype None keeps each tensor's stored dtype."""
+    """Write a BFL single file (`flux1-dev.safetensors` layout). dtype None keeps each tensor's stored dtype.
+
+    A tensor holding NaN / Inf (after the cast) fails the write with `NonFiniteError` unless `allow_nonfinite`.
+    """
     path = pathlib.Path(path)
     _refuse_existing(path, force)
     cfg, tensors = _config_and_tensors(source)
     shapes = flux_keys.bfl_shapes(cfg)
     targets = {key: _target(tensors[key], dtype) for key in shapes}
     specs = [(key, targets[key], shape) for key, shape in shapes.items()]
-    write_safetensors(path, specs, _producer(tensors, targets), _metadata(cfg), progress=progress)
+    produce = _producer(tensors, targets, None if allow_nonfinite else _source_name(source))
+    write_safetensors(path, specs, produce, _metadata(cfg), progress=progress)
     return path
 
 
@@ -148,10 +168,12 @@ def write_flux_diffusers(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     force: bool = False,
     progress: Progress = None,
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
     """Write a diffusers transformer directory: config.json, shards, and the index when there is more than one.
 
-    Loadable with `FluxTransformer2DModel.from_pretrained(directory)`. dtype None keeps each stored dtype.
+    Loadable with `FluxTransformer2DModel.from_pretrained(directory)`. dtype None keeps each stored dtype. A tensor
+    holding NaN / Inf (after the cast) fails the write with `NonFiniteError` unless `allow_nonfinite`.
     """
     if max_shard_bytes <= 0:
         raise FluxJaxError(f"shard size must be positive, got {max_shard_bytes}")
@@ -161,7 +183,7 @@ def write_flux_diffusers(
     targets = {key: _target(src, dtype) for key, src in sources.items()}
     sizes = {key: math.prod(src.shape) * targets[key].itemsize for key, src in sources.items()}
     shards = _shards(sizes, max_bytes=max_shard_bytes)
-    produce = _producer(sources, targets)
+    produce = _producer(sources, targets, None if allow_nonfinite else _source_name(source))
     with atomic_dir(directory, force=force) as tmp:
         weight_map = {}
         for k, keys in enumerate(shards, start=1):

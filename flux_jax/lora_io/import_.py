@@ -49,8 +49,14 @@ class LoraFile:
             return {}
 
 
-def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) -> LoraFile:
-    """Read and validate a LoRA safetensors file (torch-free; nothing beyond the LoRA tensors is loaded)."""
+def read_lora_file(
+    path: str | os.PathLike, config: FluxConfig | None = None, *, allow_nonfinite: bool = False
+) -> LoraFile:
+    """Read and validate a LoRA safetensors file (torch-free; nothing beyond the LoRA tensors is loaded).
+
+    Refused with one error naming the tensors: NaN / Inf values (unless `allow_nonfinite`: the rare deliberate
+    case, such as inspecting a diverged run), and alpha = 0, which loaders read differently.
+    """
     path = pathlib.Path(path)
     where = str(path)
     if not path.is_file():
@@ -64,7 +70,7 @@ def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) ->
             resolved.append(config or infer_config(in_dims, blocks, where))
             return resolved[-1]
 
-        weights, fmt = from_tensors(f.keys(), f.array, metadata, need_config, where)
+        weights, fmt = from_tensors(f.keys(), f.array, metadata, need_config, where, allow_nonfinite=allow_nonfinite)
         dtypes = [f.info(k).dtype for k in f.keys() if not k.endswith(".alpha")]
     if not weights:
         raise CheckpointError(f"{where}: no LoRA tensors in the file")

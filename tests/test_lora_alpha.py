@@ -15,32 +15,10 @@ from flux_jax.errors import CheckpointError, FluxJaxError
 from flux_jax.lora_io.export import convert_lora_file, write_lora_file
 from flux_jax.lora_io.formats import FORMATS, diffusers_fold
 from flux_jax.lora_io.import_ import read_lora_file
-from flux_jax.lora_io.weights import LoraWeights, parse_module
-from flux_jax.weights import flux_keys
+from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
+from tests.helpers.lora_modules import CFG, MODULES, RANK, lora, weight_shape
 from tests.helpers.lora_reference import comfy_patch
-from tests.helpers.torch_reference import tiny_config
-
-CFG = tiny_config()
-RANK = 4
-# A fused qkv and linear1 (split into row pieces in diffusers files), the final layer (halves swapped in diffusers
-# files), a plain block Linear and a top-level one.
-MODULES = (
-    "double_blocks.0.img_attn.qkv",
-    "double_blocks.1.txt_mlp.2",
-    "single_blocks.2.linear1",
-    "final_layer.adaLN_modulation.1",
-    "img_in",
-)
-
-
-def lora(alpha: float, seed: int = 0) -> dict[str, LoraWeights]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path in MODULES:
-        rows, cols = flux_keys.module_shapes(CFG, parse_module(path)[0])["weight"]
-        out[path] = LoraWeights(rng.standard_normal((RANK, cols)), rng.standard_normal((rows, RANK)), alpha)
-    return out
 
 
 @contextlib.contextmanager
@@ -63,8 +41,7 @@ def comfy_deltas(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """delta W per module as ComfyUI applies the file (W += alpha / r * up @ down, negative alpha included)."""
     zeros = {}
     for path in MODULES:
-        shape = flux_keys.module_shapes(CFG, parse_module(path)[0])["weight"]
-        zeros[f"{path}.weight"] = np.zeros(shape, np.float32)
+        zeros[f"{path}.weight"] = np.zeros(weight_shape(path), np.float32)
     return {k.removesuffix(".weight"): v for k, v in comfy_patch(zeros, tensors).items()}
 
 

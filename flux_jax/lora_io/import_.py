@@ -5,7 +5,8 @@ including kohya split_qkv files (qkv / linear1 down [3r or 4r, in] with a block-
 that rank with the stored alpha, which is what ComfyUI, Forge and diffusers all apply); diffusers / PEFT
 `transformer.*.lora_A/B` (alpha from `lora_adapter_metadata`, from `.alpha` tensors, else alpha = rank); ComfyUI
 BFL-named `diffusion_model.*.lora_A/B`; XLabs `processor.*`. A key that matches no Flux layer is an error listing
-every such key: nothing is silently dropped.
+every such key: nothing is silently dropped. NaN / Inf in a tensor (unless `allow_nonfinite`) and alpha = 0 are
+errors naming the tensors; a negative alpha is a negative scale, as ComfyUI and kohya apply it.
 """
 
 from __future__ import annotations

@@ -115,3 +115,24 @@ def test_writing_refuses_values_that_overflow_the_dtype(tmp_path):
         write_lora_file(tmp_path / "k.safetensors", weights, "kohya", config=CFG, dtype="fp16")
     assert not list(tmp_path.iterdir())
     write_lora_file(tmp_path / "k.safetensors", weights, "kohya", config=CFG, dtype="bf16")  # bf16 holds it
+
+
+def test_a_run_with_nonfinite_weights_is_refused_unless_allowed(tmp_path, monkeypatch):
+    """A run's checkpoint is read by the trainer's reader (stubbed here): its weights get the same check, naming the
+    run, the step and the module, before anything is written."""
+    from flux_jax.train import lora_sources
+
+    weights = lora(2.0)
+    w = weights["img_in"]
+    weights["img_in"] = LoraWeights(w.down * np.float32(np.inf), w.up, w.alpha)
+    monkeypatch.setattr(lora_sources, "read_run", lambda src, step, ema: (weights, CFG, {"step": 7}))
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(FluxJaxError, match=r"run \(step 7\): NaN or Inf .*img_in down"):
+        lora_sources.export_lora(run, out, "kohya")
+    with pytest.raises(FluxJaxError, match=r"run \(step 7\): NaN or Inf .*img_in down"):
+        lora_sources.read_lora(run)
+    assert not out.exists()
+    assert lora_sources.export_lora(run, out, "kohya", dtype="fp32", allow_nonfinite=True).exists()
+    assert lora_sources.read_lora(run, allow_nonfinite=True).is_run

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from flux_jax import cli
+from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.export import export_metadata, write_lora_file
 from flux_jax.lora_io.formats import FORMATS
 from flux_jax.lora_io.import_ import read_lora_file
@@ -130,7 +131,7 @@ RUN_META = {
 
 
 def test_kohya_metadata(setup):
-    md = export_metadata("kohya", setup["weights"], setup["cfg"], RUN_META, title="my_lora")
+    md = export_metadata("kohya", setup["weights"], setup["cfg"], RUN_META, title="my_lora", metadata="full")
     assert all(isinstance(v, str) for v in md.values())
     assert md["modelspec.architecture"] == "flux-1-dev/lora"
     assert md["modelspec.sai_model_spec"] == "1.0.1"
@@ -148,6 +149,44 @@ def test_kohya_metadata(setup):
     assert md["format"] == "pt"
     diffusers_md = export_metadata("diffusers", setup["weights"], setup["cfg"], RUN_META)
     assert not [k for k in diffusers_md if k.startswith("ss_")] and "lora_adapter_metadata" not in diffusers_md
+
+
+PRIVATE_META = {
+    **RUN_META,
+    "base": "/home/me/models/flux1-dev.safetensors",
+    "targets": [r"single_blocks\.\d+\.linear1", "double_blocks/img"],  # regexes: kept as they are
+    "dataset": "latent cache /home/me/My Photos/cache (12 records, buckets 512x512)",
+    "config": {"output_dir": "/home/me/runs/x", "data": {"path": "/home/me/My Photos"}},
+    "extra": {"log": "~/logs/run.txt", "remote": "gs://my-bucket/runs/x"},  # a field this exporter does not know
+}
+CARRIED = {  # another tool's metadata
+    "ss_output_name": "C:\\Users\\me\\loras\\style",
+    "ss_training_comment": "trained on /home/me/photos, see https://example.com/a/b",
+    "modelspec.author": "me",
+}
+
+
+def test_public_metadata_names_no_local_path(setup):
+    md = export_metadata("kohya", setup["weights"], setup["cfg"], PRIVATE_META, title="t", carried=CARRIED)
+    for key, value in md.items():
+        assert "/home/me" not in value and "\\Users" not in value and "my-bucket/" not in value, key
+        assert not value.startswith(("/", "~")), key
+    meta = json.loads(md["flux_jax.meta"])
+    assert "config" not in meta  # the run config names paths everywhere; `metadata="full"` keeps it
+    assert meta["base"] == "flux1-dev.safetensors" and md["ss_sd_model_name"] == "flux1-dev.safetensors"
+    assert meta["dataset"] == md["ss_dataset"] == "latent cache cache (12 records, buckets 512x512)"
+    assert meta["targets"] == PRIVATE_META["targets"]
+    assert meta["extra"] == {"log": "run.txt", "remote": "x"}
+    assert (meta["step"], meta["rank"], meta["timestep_sampling"]) == (1500, RANK, "logit_normal")
+    assert md["ss_output_name"] == "style" and md["modelspec.author"] == "me"
+    assert md["ss_training_comment"] == "trained on photos, see https://example.com/a/b"
+    assert "flux1-dev.safetensors" in md["modelspec.description"]
+
+    full = export_metadata("kohya", setup["weights"], setup["cfg"], PRIVATE_META, carried=CARRIED, metadata="full")
+    assert json.loads(full["flux_jax.meta"])["config"] == PRIVATE_META["config"]
+    assert full["ss_sd_model_name"] == PRIVATE_META["base"] and full["ss_output_name"] == CARRIED["ss_output_name"]
+    with pytest.raises(FluxJaxError, match="metadata mode"):
+        export_metadata("kohya", setup["weights"], setup["cfg"], PRIVATE_META, metadata="private")
 
 
 def test_metadata_written_to_file(setup, tmp_path):

@@ -1,5 +1,5 @@
 """`flux-jax export --merge-into`: base + LoRA written as a full checkpoint that PyTorch loads and that computes what
-the JAX model with the LoRA computes."""
+the JAX model with the LoRA computes; NaN / Inf in the LoRA or in the merged values are refused naming the tensor."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from flux_jax import cli
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.export import write_lora_file
 from flux_jax.lora_io.merge import merge_lora
+from flux_jax.lora_io.weights import LoraWeights
+from flux_jax.model.config import CONFIG_METADATA_KEY, config_metadata
 from flux_jax.weights.checkpoint import open_checkpoint
+from flux_jax.weights.safetensors_file import save_file
 from flux_jax.weights.sources import read_all
 from tests.helpers.lora_reference import bfl_state, load_bfl_into_diffusers, tiny_case
 from tests.helpers.torch_reference import diffusers_forward
@@ -77,3 +80,58 @@ def test_merge_rejects_bad_requests(setup, tmp_path):
     with pytest.raises(FluxJaxError, match="double_blocks.5.img_attn.proj"):
         merge_lora(setup["base"], bigger, tmp_path / "m.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+# -- non-finite numbers ------------------------------------------------------------------------------------------
+
+KEY = "double_blocks.0.img_attn.qkv"
+
+
+def _with(weights, path, up):
+    w = weights[path]
+    return {**weights, path: LoraWeights(w.down, up, w.alpha)}
+
+
+def test_merge_refuses_a_nonfinite_lora_unless_allowed(setup, tmp_path, capsys):
+    up = setup["weights"][KEY].up.copy()
+    up[2, 1] = np.nan
+    weights = _with(setup["weights"], KEY, up)
+    with pytest.raises(FluxJaxError, match=rf"NaN or Inf .*{KEY} up"):
+        merge_lora(setup["base"], weights, tmp_path / "m.safetensors")
+    lora = write_lora_file(tmp_path / "nan.safetensors", weights, "kohya", config=setup["cfg"], dtype="fp32",
+                           allow_nonfinite=True)  # fmt: skip
+    out = tmp_path / "merged.safetensors"
+    argv = ["export", str(lora), str(out), "--merge-into", str(setup["base"])]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+    assert cli.main([*argv, "--allow-nonfinite"]) == 0  # the deliberate case
+    with open_checkpoint(out) as ckpt:
+        assert np.isnan(read_all(ckpt.tensors[f"{KEY}.weight"])).any()
+
+
+def test_merge_checks_the_values_it_computes(setup, tmp_path):
+    """A finite LoRA can still give a non-finite merge: its delta overflows float32, the base weight it is added to
+    holds a NaN, or the sum does not fit the output dtype. Each is refused naming the weight, and nothing is written."""
+    w = setup["weights"][KEY]
+    huge = {**setup["weights"], KEY: LoraWeights(w.down * np.float32(1e20), w.up * np.float32(1e20), w.alpha)}
+    with pytest.raises(FluxJaxError, match=rf"{KEY}\.weight: the LoRA delta .* overflows float32"):
+        merge_lora(setup["base"], huge, tmp_path / "a.safetensors")
+    big = _with(setup["weights"], KEY, w.up * np.float32(1e8))  # |delta| ~ 1e6: fine in fp32 and bf16, not in fp16
+    with pytest.raises(FluxJaxError, match=rf"{KEY}\.weight: base \+ LoRA delta has values beyond .*float16"):
+        merge_lora(setup["base"], big, tmp_path / "b.safetensors", dtype="fp16")
+    with pytest.raises(FluxJaxError, match="strength must be a finite number"):
+        merge_lora(setup["base"], setup["weights"], tmp_path / "c.safetensors", strength=float("inf"))
+
+    base = bfl_state(setup["cfg"], setup["ref"])
+    base[f"{KEY}.weight"] = base[f"{KEY}.weight"].copy()
+    base[f"{KEY}.weight"][0, 0] = np.nan
+    nan_base = tmp_path / "base" / "nan_base.safetensors"
+    nan_base.parent.mkdir()
+    save_file(nan_base, base, {"format": "pt", CONFIG_METADATA_KEY: config_metadata(setup["cfg"])})
+    for layout, name in (("bfl", "d.safetensors"), ("diffusers", "d")):
+        with pytest.raises(FluxJaxError, match=rf"{KEY}\.weight: the base weight has NaN"):
+            merge_lora(nan_base, setup["weights"], tmp_path / name, layout=layout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert merge_lora(setup["base"], big, tmp_path / "e.safetensors", dtype="bf16").exists()

@@ -30,6 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge-into", metavar="BASE", help="write BASE + LoRA as a full transformer checkpoint")
     parser.add_argument("--layout", choices=("bfl", "diffusers"), default="bfl", help="layout of a merged checkpoint")
     parser.add_argument("--strength", type=float, default=1.0, help="LoRA strength for --merge-into (default 1.0)")
+    parser.add_argument(
+        "--metadata",
+        choices=("public", "full"),
+        help="public (default): no local paths in the file's metadata (names only, no full run config); "
+        "full: keep everything, the run config included",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write NaN / Inf values (in the LoRA, or in the merged weights) instead of refusing them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,17 +53,22 @@ def run(args: argparse.Namespace) -> int:
     if args.merge_into is None:
         if args.format is None:
             raise FluxJaxError("--format is required (kohya, diffusers or comfy) unless --merge-into is given")
-        out = export_lora(src, args.out, args.format, dtype=args.dtype, step=args.step, ema=args.ema, force=args.force)
+        out = export_lora(
+            src, args.out, args.format, dtype=args.dtype, step=args.step, ema=args.ema, force=args.force,
+            metadata=args.metadata or "public", allow_nonfinite=args.allow_nonfinite,
+        )  # fmt: skip
         print(f"wrote {out}")
         return 0
     if args.format is not None:
         raise FluxJaxError("--format does not apply to --merge-into (the output is a checkpoint; see --layout)")
+    if args.metadata is not None:
+        raise FluxJaxError("--metadata does not apply to --merge-into (a merged checkpoint carries no LoRA metadata)")
     with open_checkpoint(args.merge_into) as base:  # headers only: the base's config fixes a LoRA file's shapes
         config = base.config
-    weights = read_lora(src, config=config, step=args.step, ema=args.ema).weights
+    weights = read_lora(src, config=config, step=args.step, ema=args.ema, allow_nonfinite=args.allow_nonfinite).weights
     out = merge_lora(
         args.merge_into, weights, args.out, layout=args.layout, dtype=args.dtype, strength=args.strength,
-        force=args.force,
+        force=args.force, allow_nonfinite=args.allow_nonfinite,
     )  # fmt: skip
     print(f"wrote {out}")
     return 0

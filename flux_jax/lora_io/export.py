@@ -5,6 +5,13 @@ Every file carries `{"format": "pt"}` (what diffusers writes), `modelspec.*` (ar
 as `flux_jax.meta`; kohya files add the `ss_*` keys kohya's tools and UIs show. Alpha tensors are always float32
 (in bf16 an alpha such as 0.7 would round and every loader would apply a different scale than training used).
 Writes are atomic; an existing output is kept unless `force`.
+
+LoRA files get shared, so by default (`metadata="public"`) the metadata names no local path: the base is given by
+its file or directory name, paths in the dataset description by their last component, and the run's full config
+(output_dir, data paths, the base path, ...) is left out of `flux_jax.meta`; absolute paths in metadata carried
+over from a source file are cut to their names too. `metadata="full"` (`flux-jax export --metadata full`) keeps
+everything. Refused before anything is written: alpha = 0, NaN / Inf in the LoRA (unless `allow_nonfinite`), and
+tensors that overflow the output dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import json
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -23,7 +32,7 @@ from flux_jax.dtypes import DTYPES, FLOAT_NAMES, dtype_name, parse_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
 from flux_jax.lora_io.import_ import META_METADATA_KEY, read_lora_file
-from flux_jax.lora_io.weights import LoraWeights, most_common, parse_module, validate
+from flux_jax.lora_io.weights import LoraWeights, check_values, is_finite, listing, most_common, parse_module, validate
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
 from flux_jax.weights.safetensors_file import write_safetensors
 
@@ -34,9 +43,80 @@ _CARRIED_PREFIXES = ("ss_", "modelspec.")
 _DERIVED = ("ss_network_dim", "ss_network_alpha", "modelspec.title")
 
 
+MetadataMode = Literal["public", "full"]
+METADATA_MODES: tuple[str, ...] = ("public", "full")
+
+# Meta fields that are never paths, kept verbatim in public metadata (regexes such as `targets` must not be cut).
+_VERBATIM_META = frozenset(
+    {"format", "version", "step", "rank", "alpha", "targets", "blocks", "lora_dtype", "ema", "adapted",
+     "base_config", "guidance", "guidance_range", "timestep_sampling", "steps"}
+)  # fmt: skip
+# Left out of public metadata: the full run config names local paths (output_dir, model.base, data.path, ...).
+_PRIVATE_META = ("config",)
+_STOP = r""",;'"()\[\]{}<>=\n"""  # characters that end a path inside a description or a JSON string
+# An absolute path: /x, \\x, ~/x, C:\\x (these may hold spaces: they run to the next stop character) or a URL such
+# as gs://bucket/x (up to a space).
+_ABSOLUTE = rf"(?<![\w.~:/\\-])(?:[A-Za-z][A-Za-z0-9+.-]*://[^\s{_STOP}]*|(?:~[/\\]|[A-Za-z]:[/\\]|[/\\])[^{_STOP}]*)"
+_RELATIVE = rf"[^\s{_STOP}]*[/\\][^\s{_STOP}]*"  # a word holding a path separator: data/photos
+_PATHS = {False: re.compile(_ABSOLUTE), True: re.compile(f"{_ABSOLUTE}|{_RELATIVE}")}
+_PUBLIC_URL = ("http://", "https://")
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise FluxJaxError(f"unknown LoRA format {fmt!r}; choose one of {sorted(FORMATS)}")
+
+
+def check_metadata_mode(mode: str) -> None:
+    if mode not in METADATA_MODES:
+        raise FluxJaxError(f"unknown metadata mode {mode!r}; choose one of {list(METADATA_MODES)}")
+
+
+def path_name(path: str) -> str:
+    """The last component of a local, Windows or bucket path ('/data/models/flux1-dev' -> 'flux1-dev')."""
+    parts = [p for p in re.split(r"[/\\]", path) if p and not p.endswith(":")]
+    return parts[-1] if parts else ""
+
+
+def _scrub(value, *, relative: bool):
+    """`value` (JSON-like) with every path in its strings cut to its name: absolute paths (/x, ~/x, C:\\x, gs://x;
+    web URLs are kept) and, with `relative`, any word holding a path separator."""
+
+    def cut(m: re.Match) -> str:
+        token = m.group()
+        if token.startswith(_PUBLIC_URL):
+            return token
+        path = token.rstrip()
+        return path_name(path) + token[len(path) :]
+
+    if isinstance(value, str):
+        return _PATHS[relative].sub(cut, value)
+    if isinstance(value, Mapping):
+        return {_scrub(k, relative=relative): _scrub(v, relative=relative) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, relative=relative) for v in value]
+    return value
+
+
+def public_meta(meta: Mapping) -> dict:
+    """A training summary without local paths: no full run config, the base by its file / directory name, and
+    every other string that is not a known path-free field with its paths cut to their names."""
+    out = {}
+    for key, value in meta.items():
+        if key in _PRIVATE_META:
+            continue
+        if key == "base" and isinstance(value, str):
+            out[key] = path_name(value) if re.search(r"[/\\]", value) else value  # or "random:<preset>"
+        elif key in _VERBATIM_META:
+            out[key] = value
+        else:
+            out[key] = _scrub(value, relative=True)
+    return out
+
+
+def public_carried(carried: Mapping[str, str]) -> dict[str, str]:
+    """Another tool's metadata with the absolute paths in its values cut to their names."""
+    return {k: _scrub(v, relative=False) for k, v in carried.items()}
 
 
 def export_metadata(
@@ -47,14 +127,20 @@ def export_metadata(
     *,
     title: str = "",
     carried: Mapping[str, str] | None = None,
+    metadata: MetadataMode = "public",
 ) -> dict[str, str]:
     """String metadata for an exported file.
 
     meta: the training summary (keys of a training run's meta: step, rank, alpha, targets, base, guidance,
       timestep_sampling, steps, dataset, config); absent keys are left out.
     carried: a source file's metadata; its `ss_*` / `modelspec.*` entries are kept (ours win where both exist).
+    metadata: "public" (default): no local paths (`public_meta`, `public_carried`); "full": everything as given.
     """
+    check_metadata_mode(metadata)
     meta = dict(meta or {})
+    if metadata == "public":
+        meta = public_meta(meta)
+        carried = public_carried(carried or {})
     ranks = [w.rank for w in weights.values()]
     alphas = [w.alpha for w in weights.values()]
     rank = meta.get("rank", most_common(ranks))
@@ -106,15 +192,23 @@ def write_lora_file(
     meta: Mapping | None = None,
     carried: Mapping[str, str] | None = None,
     force: bool = False,
+    metadata: MetadataMode = "public",
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
-    """Write `weights` as a `fmt` LoRA file (atomic; refuses an existing `path` unless `force`)."""
+    """Write `weights` as a `fmt` LoRA file (atomic; refuses an existing `path` unless `force`).
+
+    metadata: "public" (no local paths) or "full", see the module docstring. Refused, naming the modules: alpha = 0,
+    NaN / Inf in the LoRA or values the output dtype cannot hold (both unless `allow_nonfinite`).
+    """
     check_format(fmt)
+    check_metadata_mode(metadata)
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (use --force to overwrite)")
     if not weights:
         raise FluxJaxError("the LoRA is empty: no module carries an adapter")
     validate(weights, config, "LoRA")
+    check_values(weights, f"LoRA for {path}", allow_nonfinite=allow_nonfinite)
     target = parse_dtype(dtype, FLOAT_NAMES) if isinstance(dtype, str) else np.dtype(dtype)
     if fmt == "kohya":
         skipped = [p for p in weights if parse_module(p)[0].stack is None]
@@ -125,9 +219,17 @@ def write_lora_file(
                 ", ".join(skipped[:5]),
             )
     tensors = to_tensors(weights, fmt, config)
-    tensors = {k: v if k.endswith(".alpha") else v.astype(target) for k, v in tensors.items()}
-    metadata = export_metadata(fmt, weights, config, meta, title=path.stem, carried=carried)
-    write_safetensors(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], tensors.__getitem__, metadata)
+    with np.errstate(over="ignore"):  # an overflowing cast is reported below, by tensor
+        tensors = {k: v if k.endswith(".alpha") else v.astype(target) for k, v in tensors.items()}
+    if not allow_nonfinite:  # the weights are finite (checked above): this is the fold or the cast overflowing
+        overflow = [k for k, v in tensors.items() if not is_finite(v)]
+        if overflow:
+            raise FluxJaxError(
+                f"LoRA for {path}: {len(overflow)} tensor(s) overflow {dtype_name(target, FLOAT_NAMES)} (values "
+                f"beyond its range): {listing(overflow)}; write bf16 or fp32"
+            )
+    header = export_metadata(fmt, weights, config, meta, title=path.stem, carried=carried, metadata=metadata)
+    write_safetensors(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], tensors.__getitem__, header)
     log.info("wrote %s LoRA with %d tensors (%s) to %s", fmt, len(tensors), dtype_name(target, FLOAT_NAMES), path)
     return path
 
@@ -139,17 +241,25 @@ def convert_lora_file(
     dtype: str | None = None,
     force: bool = False,
     config: FluxConfig | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    metadata: MetadataMode = "public",
 ) -> pathlib.Path:
-    """Rewrite a LoRA file of any supported format as `format` (dtype defaults to the source's)."""
+    """Rewrite a LoRA file of any supported format as `format` (dtype defaults to the source's).
+
+    metadata: "public" (the source's metadata without local paths) or "full"; allow_nonfinite: accept NaN / Inf.
+    """
     check_format(format)
+    check_metadata_mode(metadata)
     dst = pathlib.Path(dst)
     if dst.exists() and not force:  # before reading anything
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
-    lora = read_lora_file(src, config)
+    lora = read_lora_file(src, config, allow_nonfinite=allow_nonfinite)
     cfg = lora.config or weights_config(lora.weights, str(src))
     if dtype is None:
         dtype = next((n for n in FLOAT_NAMES if DTYPES[n] == lora.dtype), "fp32")
     log.info("read %s LoRA (%d modules) from %s", lora.format, len(lora.weights), src)
     return write_lora_file(
-        dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force
-    )
+        dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force,
+        metadata=metadata, allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip

@@ -25,7 +25,16 @@ import numpy as np
 
 from flux_jax.errors import CheckpointError
 from flux_jax.lora_io.pieces import Part, Rows, fuse, split, split_rows, swap_halves
-from flux_jax.lora_io.weights import LINEAR_ENTRIES, LoraWeights, parse_module, sorted_paths
+from flux_jax.lora_io.weights import (
+    LINEAR_ENTRIES,
+    LoraWeights,
+    is_finite,
+    listing,
+    nonfinite_error,
+    parse_module,
+    sorted_paths,
+    zero_alpha_error,
+)
 from flux_jax.model.config import FluxConfig
 from flux_jax.weights import flux_keys
 from flux_jax.weights.flux_keys import ModuleEntry
@@ -176,13 +185,17 @@ def diffusers_fold(scale: float) -> tuple[float, float]:
     """(down factor, up factor) with product `scale`, split as diffusers' kohya converter does.
 
     Loaders that read diffusers files apply no alpha, so alpha / r goes into the weights; this split keeps them
-    bit-compatible with what diffusers itself makes of the same LoRA in kohya form.
+    bit-compatible with what diffusers itself makes of the same LoRA in kohya form. A negative scale (negative
+    alpha, which ComfyUI and kohya apply as a negative scale) is the fold of its magnitude with the sign on the
+    down factor: diffusers' own loop never ends for it. Scale 0 is refused before this point (`check_values`).
     """
-    down, up = scale, 1.0
-    while down * 2 < up:
+    if scale == 0 or not math.isfinite(scale):
+        raise ValueError(f"cannot fold LoRA scale {scale} into the weights")
+    down, up = abs(scale), 1.0
+    while down * 2 < up:  # ends: down doubles and up halves, from a finite non-zero magnitude
         down *= 2
         up /= 2
-    return down, up
+    return math.copysign(down, scale), up
 
 
 def to_tensors(weights: Mapping[str, LoraWeights], fmt: str, cfg: FluxConfig) -> dict[str, np.ndarray]:
@@ -323,7 +336,9 @@ class _PeftAlpha:
         want_r = self._lookup(self.rank_pattern, module) or self.r
         if want_r is not None and int(want_r) != rank:
             raise CheckpointError(f"{where}: {module} has rank {rank} but lora_adapter_metadata says {want_r}")
-        alpha = self._lookup(self.alpha_pattern, module) or self.lora_alpha
+        alpha = self._lookup(self.alpha_pattern, module)
+        if alpha is None:  # not `or`: an alpha_pattern value of 0 must not fall back to lora_alpha
+            alpha = self.lora_alpha
         if alpha is None:
             return float(rank)
         # rsLoRA scales by alpha / sqrt(r); express it as alpha' / r.
@@ -336,13 +351,19 @@ def from_tensors(
     metadata: Mapping[str, str],
     config: Callable[[dict[ModuleEntry, int], set[tuple[ModuleEntry, int]]], FluxConfig],
     where: str,
+    *,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, LoraWeights], str]:
     """Parse a LoRA state dict into fused BFL-module LoRAs; returns (weights, format name).
 
     `config(in_dims, blocks)` supplies the model config when row pieces need split sizes; it gets each module's input
-    width and the (entry, block) pairs present so it can infer one.
+    width and the (entry, block) pairs present so it can infer one. Refused, naming the file's keys: NaN / Inf in a
+    down or up tensor (unless `allow_nonfinite`), a non-finite alpha, and alpha = 0 (see `weights.zero_alpha_error`).
     """
     modules = _parse_keys(keys, where)
+    nonfinite: list[str] = []  # tensors with NaN / Inf (refused unless allow_nonfinite)
+    bad_alpha: list[str] = []  # non-finite alphas (always refused: a scale cannot be NaN)
+    zero_alpha: list[str] = []
     has_alpha_keys = any("alpha" in m.keys for m in modules.values())
     peft = None
     if "lora_adapter_metadata" in metadata:
@@ -364,18 +385,34 @@ def from_tensors(
             if a.size != 1 or (a.dtype.kind != "f" and a.dtype.name != "bfloat16"):
                 raise CheckpointError(f"{where}: {m.keys['alpha']} must be a floating-point scalar, got {a.dtype}")
             alpha = float(np.asarray(a, np.float32).reshape(()))
+            alpha_name = m.keys["alpha"]
         elif peft is not None and m.spelling == "diffusers":
             alpha = peft.alpha(name.removeprefix("transformer."), rank, where)
+            alpha_name = f"{name} (lora_adapter_metadata)"
         else:
             alpha = float(rank)  # what every loader assumes without an alpha
+            alpha_name = name
+        if not math.isfinite(alpha):
+            bad_alpha.append(alpha_name)
+            continue
+        if alpha == 0:
+            zero_alpha.append(alpha_name)
         if m.target.swap_halves:
             up = swap_halves(np.asarray(up))
         try:
             w = LoraWeights(down, up, alpha)
         except ValueError as e:
             raise CheckpointError(f"{where}: {name}: {e}") from None
+        if not allow_nonfinite:
+            nonfinite += [m.keys[role] for role, x in (("down", w.down), ("up", w.up)) if not is_finite(x)]
         parts.setdefault((m.target.entry, m.index), []).append((m.target.rows, w))
 
+    if bad_alpha:
+        raise CheckpointError(f"{where}: alpha is NaN or Inf for {len(bad_alpha)} LoRA module(s): {listing(bad_alpha)}")
+    if nonfinite:
+        raise nonfinite_error(where, sorted(nonfinite))
+    if zero_alpha:
+        raise zero_alpha_error(where, sorted(zero_alpha))
     cfg = None
     if any(rows is not None for ps in parts.values() for rows, _ in ps):
         in_dims = {entry: ps[0][1].in_features for (entry, _), ps in parts.items()}

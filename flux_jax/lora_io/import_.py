@@ -5,7 +5,8 @@ including kohya split_qkv files (qkv / linear1 down [3r or 4r, in] with a block-
 that rank with the stored alpha, which is what ComfyUI, Forge and diffusers all apply); diffusers / PEFT
 `transformer.*.lora_A/B` (alpha from `lora_adapter_metadata`, from `.alpha` tensors, else alpha = rank); ComfyUI
 BFL-named `diffusion_model.*.lora_A/B`; XLabs `processor.*`. A key that matches no Flux layer is an error listing
-every such key: nothing is silently dropped.
+every such key: nothing is silently dropped. NaN / Inf in a tensor (unless `allow_nonfinite`) and alpha = 0 are
+errors naming the tensors; a negative alpha is a negative scale, as ComfyUI and kohya apply it.
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ class LoraFile:
             return {}
 
 
-def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) -> LoraFile:
-    """Read and validate a LoRA safetensors file (torch-free; nothing beyond the LoRA tensors is loaded)."""
+def read_lora_file(
+    path: str | os.PathLike, config: FluxConfig | None = None, *, allow_nonfinite: bool = False
+) -> LoraFile:
+    """Read and validate a LoRA safetensors file (torch-free; nothing beyond the LoRA tensors is loaded).
+
+    Refused with one error naming the tensors: NaN / Inf values (unless `allow_nonfinite`: the rare deliberate
+    case, such as inspecting a diverged run), and alpha = 0, which loaders read differently.
+    """
     path = pathlib.Path(path)
     where = str(path)
     if not path.is_file():
@@ -64,7 +71,7 @@ def read_lora_file(path: str | os.PathLike, config: FluxConfig | None = None) ->
             resolved.append(config or infer_config(in_dims, blocks, where))
             return resolved[-1]
 
-        weights, fmt = from_tensors(f.keys(), f.array, metadata, need_config, where)
+        weights, fmt = from_tensors(f.keys(), f.array, metadata, need_config, where, allow_nonfinite=allow_nonfinite)
         dtypes = [f.info(k).dtype for k in f.keys() if not k.endswith(".alpha")]
     if not weights:
         raise CheckpointError(f"{where}: no LoRA tensors in the file")

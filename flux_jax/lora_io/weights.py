@@ -135,6 +135,43 @@ def validate(weights: Mapping[str, LoraWeights], cfg: FluxConfig, where: str) ->
         raise CheckpointError(f"{where}: LoRA does not fit the model: " + "; ".join(problems[:20]) + more)
 
 
+def listing(items: list[str], limit: int = 20) -> str:
+    """'a, b, c' with at most `limit` items, then '... and N more'."""
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def zero_alpha_error(where: str, modules: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: alpha = 0 on {len(modules)} LoRA module(s): {listing(modules)}; the tools disagree on what it "
+        "means (kohya reads alpha = rank, ComfyUI scale 0), so it is refused: store the alpha you mean"
+    )
+
+
+def nonfinite_error(where: str, tensors: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: NaN or Inf values in {len(tensors)} LoRA tensor(s): {listing(tensors)} "
+        "(--allow-nonfinite, or allow_nonfinite=True, accepts them)"
+    )
+
+
+def is_finite(a: np.ndarray) -> bool:
+    return bool(np.isfinite(a).all())
+
+
+def check_values(weights: Mapping[str, LoraWeights], where: str, *, allow_nonfinite: bool = False) -> None:
+    """Refuse what loaders would apply differently or not at all: alpha = 0 (see `zero_alpha_error`) and, unless
+    `allow_nonfinite`, NaN / Inf in `down` or `up` (a diverged run). One error lists every module at fault."""
+    paths = sorted(weights, key=_safe_sort_key)
+    if not allow_nonfinite:
+        bad = [f"{p} {role}" for p in paths for role in ("down", "up") if not is_finite(getattr(weights[p], role))]
+        if bad:
+            raise nonfinite_error(where, bad)
+    zero = [p for p in paths if weights[p].alpha == 0]
+    if zero:
+        raise zero_alpha_error(where, zero)
+
+
 def _safe_sort_key(path: str) -> tuple[int, int]:
     try:
         return sort_key(path)

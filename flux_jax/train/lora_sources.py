@@ -17,9 +17,9 @@ import numpy as np
 from flux_jax.atomic import OutputExistsError
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.adapters import lora_weights_from_model
-from flux_jax.lora_io.export import check_format, convert_lora_file, write_lora_file
+from flux_jax.lora_io.export import MetadataMode, check_format, check_metadata_mode, convert_lora_file, write_lora_file
 from flux_jax.lora_io.import_ import read_lora_file
-from flux_jax.lora_io.weights import LoraWeights
+from flux_jax.lora_io.weights import LoraWeights, check_values
 from flux_jax.model.config import FluxConfig
 from flux_jax.storage import is_local_file, run_path
 from flux_jax.train.checkpointing import read_lora_weights
@@ -51,15 +51,22 @@ def read_run(
 
 
 def read_lora(
-    src: str | os.PathLike, *, config: FluxConfig | None = None, step: int | None = None, ema: bool = False
+    src: str | os.PathLike,
+    *,
+    config: FluxConfig | None = None,
+    step: int | None = None,
+    ema: bool = False,
+    allow_nonfinite: bool = False,
 ) -> LoraSource:
     """The LoRA at ``src``: a file (``config`` fixes shapes a file cannot tell) or a run (``step``: default the
-    latest checkpoint; ``ema``: its EMA weights)."""
+    latest checkpoint; ``ema``: its EMA weights). NaN / Inf in the weights are refused unless ``allow_nonfinite``;
+    alpha = 0 always (see `flux_jax.lora_io.weights.zero_alpha_error`)."""
     if is_local_file(src):
         _no_run_options(src, step, ema)
-        lora = read_lora_file(src, config)
+        lora = read_lora_file(src, config, allow_nonfinite=allow_nonfinite)
         return LoraSource(lora.weights, lora.config, lora.meta, lora.dtype, is_run=False)
     weights, cfg, meta = read_run(src, step, ema)
+    check_values(weights, f"{src} (step {meta.get('step')})", allow_nonfinite=allow_nonfinite)
     return LoraSource(weights, cfg, meta, None, is_run=True)
 
 
@@ -77,18 +84,29 @@ def export_lora(
     step: int | None = None,
     ema: bool = False,
     force: bool = False,
+    metadata: MetadataMode = "public",
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
     """`flux-jax export`: a training run / checkpoint directory, or a LoRA file, to a `format` LoRA file.
 
     A run directory's latest checkpoint is used unless `step` is given; `ema` takes the run's EMA weights. dtype
-    defaults to bf16 for a run and to the source's for a file (whose metadata is carried over).
+    defaults to bf16 for a run and to the source's for a file (whose metadata is carried over). metadata: "public"
+    (default; no local paths, no full run config) or "full" (see `flux_jax.lora_io.export`). allow_nonfinite:
+    write NaN / Inf weights instead of refusing them.
     """
     check_format(format)
+    check_metadata_mode(metadata)
     if is_local_file(src):
         _no_run_options(src, step, ema)
-        return convert_lora_file(pathlib.Path(src), dst, format, dtype=dtype, force=force)
+        return convert_lora_file(
+            pathlib.Path(src), dst, format, dtype=dtype, force=force, allow_nonfinite=allow_nonfinite, metadata=metadata
+        )
     dst = pathlib.Path(dst)
     if dst.exists() and not force:  # before reading anything
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
     weights, config, meta = read_run(src, step, ema)
-    return write_lora_file(dst, weights, format, config=config, dtype=dtype or "bf16", meta=meta, force=force)
+    check_values(weights, f"{src} (step {meta.get('step')})", allow_nonfinite=allow_nonfinite)
+    return write_lora_file(
+        dst, weights, format, config=config, dtype=dtype or "bf16", meta=meta, force=force, metadata=metadata,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip

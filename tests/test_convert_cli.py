@@ -146,7 +146,7 @@ def test_lora_files_go_to_the_lora_converter(tmp_path, monkeypatch):
     src, dst = _lora_file(tmp_path / "lora.safetensors"), tmp_path / "out.safetensors"
     argv = ["convert", str(src), str(dst), "--format", "diffusers", "--dtype", "bf16", "--force"]
     assert main(argv) == 0
-    assert calls == [((src, dst, "diffusers", "bf16", True), {"config": None})]
+    assert calls == [((src, dst, "diffusers", "bf16", True), {"config": None, "allow_nonfinite": False})]
     assert main([*argv, "--allow-nonfinite"]) == 0
     assert calls[1] == ((src, dst, "diffusers", "bf16", True), {"config": None, "allow_nonfinite": True})
 

@@ -117,9 +117,9 @@ def _convert(args: argparse.Namespace) -> int:
     config = _read_config(args.config)
     if _is_lora_file(args.src):
         remove_stale_temporaries(args.dst)  # a conversion to DST killed earlier (SIGKILL) could not remove its own
-        # allow_nonfinite is passed only when set: the LoRA converter's check (and its keyword) is newer than this.
-        extra = {"allow_nonfinite": True} if args.allow_nonfinite else {}
-        convert_lora_file(args.src, args.dst, args.format, args.dtype, args.force, config=config, **extra)
+        convert_lora_file(
+            args.src, args.dst, args.format, args.dtype, args.force, config=config, allow_nonfinite=args.allow_nonfinite
+        )
         return 0
     if args.format is not None:
         raise FluxJaxError(f"{args.src}: --format applies to LoRA files; this is a base checkpoint (use --layout)")

@@ -13,7 +13,6 @@ no file is written (`allow_nonfinite` turns these checks off for the rare delibe
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -151,19 +150,9 @@ def merge_lora(
         merged = dataclasses.replace(ckpt, tensors=tensors)
         with _progress(output_bytes(merged, target)) as bar:
             write = write_flux_bfl if layout == "bfl" else write_flux_diffusers
-            write(
-                merged, out, dtype=target, force=force, progress=bar.update, **_writer_options(write, allow_nonfinite)
-            )
+            write(merged, out, dtype=target, force=force, progress=bar.update, allow_nonfinite=allow_nonfinite)
     log.info("merged %d LoRA modules into %s -> %s (%s layout)", len(weights), base, out, layout)
     return out
-
-
-def _writer_options(write, allow_nonfinite: bool) -> dict:
-    """`allow_nonfinite` for a checkpoint writer that checks what it writes (the writers gain that keyword in a
-    parallel change; until then the merged values are checked here alone)."""
-    if allow_nonfinite and "allow_nonfinite" in inspect.signature(write).parameters:
-        return {"allow_nonfinite": True}
-    return {}
 
 
 def _progress(total: int):

@@ -402,3 +402,213 @@ def test_cache_dir_defaults_and_a_bucket_output_dir_needs_an_explicit_local_one(
     with pytest.raises(ConfigError, match="data.cache_dir") as err:
         cache_mod.resolve_cache_dir(remote)
     assert err.value.key == "data.cache_dir"
+
+
+# --------------------------------------------------------------------------------------------------
+# Damage: the file table in cache.json, checked on open and on a re-run; a re-run re-encodes only what was lost
+
+
+SHARD = "flux_jax_latent_cache-train.array_record-{:05d}-of-{:05d}"
+
+
+@pytest.fixture(scope="module")
+def sharded(encoders, workspace: dict[str, Path]) -> tuple[Path, list[tuple[str, int, int]]]:
+    """The reference cache written in 8 shards of 3 records (small shard bounds), and its shards
+    (file, first record, count)."""
+    cache_dir = workspace["base"] / "sharded"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache_mod, "SHARD_BYTES", 28 << 10)  # about 220 kB of records
+        build_cache(config(workspace, cache_dir), progress=False, encoders=encoders)
+    table = json.loads((cache_dir / "cache.json").read_text())["files"]
+    shards = sorted(((n, e["first"], e["records"]) for n, e in table.items() if "records" in e), key=lambda s: s[1])
+    assert [(Path(n).name, first, count) for n, first, count in shards] == [
+        (SHARD.format(k, 8), 3 * k, 3) for k in range(8)
+    ]
+    return cache_dir, shards
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem", "lost"),
+    [
+        ("deleted", "missing", 3),
+        ("truncated", "bytes, cache.json records", 3),
+        ("bit-flipped", "CRC-32", 1),
+        ("dataset_info.json deleted", "missing", 0),
+    ],
+)
+def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost(
+    monkeypatch: pytest.MonkeyPatch,
+    encoders,
+    workspace: dict[str, Path],
+    reference: Path,
+    sharded: tuple[Path, list[tuple[str, int, int]]],
+    damage: str,
+    problem: str,
+    lost: int,
+) -> None:
+    from flux_jax.data.pipeline import make_train_iterator
+
+    src, shards = sharded
+    cache_dir = copy_cache(src, workspace["base"] / f"damaged_{damage.replace(' ', '_')}")
+    cfg = config(workspace, cache_dir)
+    shard = cache_dir / shards[2][0]
+    victim = shard
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "bit-flipped":
+        flip_bit(shard, 8000)  # inside the records (the file ends in padding)
+    else:
+        victim = shard.parent / "dataset_info.json"
+        victim.unlink()
+    # Opening (the trainer's first step) refuses it: one line naming the file, no Riegeli or TFDS traceback.
+    for open_it in (
+        lambda: LatentCacheReader(cache_dir),
+        lambda: make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4),
+    ):
+        with pytest.raises(DataError) as err:
+            open_it()
+        message = str(err.value)
+        assert message.startswith(f"{victim}: ") and problem in message and "flux-jax cache" in message, message
+        assert "\n" not in message
+    # A re-run is not "up to date": it keeps every intact record and encodes only the lost ones again.
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10)
+    summary = build_cache(cfg, progress=False, encoders=encoders)
+    assert not summary.up_to_date and summary.encoded == lost and summary.records == 24
+    assert_same_records(records(cache_dir), records(reference))
+    assert sorted(p.name for p in cache_dir.iterdir()) == [
+        "cache.json",
+        "empty_caption.safetensors",
+        "report.json",
+        "tfds-repaired",  # the repaired dataset was written beside the damaged one, which is gone
+    ]
+    assert build_cache(cfg, progress=False, encoders=encoders).up_to_date
+    next(make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4))
+
+
+def test_a_repair_of_a_repaired_cache_switches_back_and_an_interrupted_repair_is_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+    encoders,
+    workspace: dict[str, Path],
+    reference: Path,
+    sharded: tuple[Path, list[tuple[str, int, int]]],
+) -> None:
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10)
+    src, shards = sharded
+    cache_dir = copy_cache(src, workspace["base"] / "repaired_twice")
+    cfg = config(workspace, cache_dir)
+    (cache_dir / shards[0][0]).unlink()
+    assert build_cache(cfg, progress=False, encoders=encoders).encoded == 3
+    info = json.loads((cache_dir / "cache.json").read_text())
+    assert info["dataset"].startswith("tfds-repaired/")
+    # Damage the repaired dataset (records 6-11: 2 wide, 4 square photos' records), and interrupt its repair after
+    # the first re-encoded chunk (the 4 square ones: buckets are encoded in bucket order).
+    repaired = sorted(name for name, e in info["files"].items() if "records" in e)
+    assert len(repaired) == 8
+    for name in repaired[2:4]:
+        (cache_dir / name).unlink()
+
+    def crash(rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, progress=False, encoders=encoders, on_batch=crash)
+    with pytest.raises(DataError, match="missing"):
+        LatentCacheReader(cache_dir)  # still the damaged cache, never a half-repaired one
+    summary = build_cache(cfg, progress=False, encoders=encoders)
+    assert summary.encoded == 2  # the chunk written before the interruption was kept
+    assert json.loads((cache_dir / "cache.json").read_text())["dataset"].startswith("tfds/")
+    assert not (cache_dir / "tfds-repaired").exists() and not (cache_dir / "work").exists()
+    assert_same_records(records(cache_dir), records(reference))
+
+
+def test_a_cache_without_file_table_is_verified_once_by_a_rerun(
+    encoders, workspace: dict[str, Path], reference: Path, sharded: tuple[Path, list[tuple[str, int, int]]]
+) -> None:
+    """A cache written before cache.json had a file table: the reader asks for a `flux-jax cache` run, which reads
+    every record (Riegeli's per-record hashes), records the table without encoding anything, or re-encodes the
+    records that do not read back."""
+    src, shards = sharded
+    for name, flip in (("old_intact", False), ("old_flipped", True)):
+        cache_dir = copy_cache(src, workspace["base"] / name)
+        info = json.loads((cache_dir / "cache.json").read_text())
+        table = info.pop("files")
+        info.pop("source_digest")
+        (cache_dir / "cache.json").write_text(json.dumps(info))
+        with pytest.raises(DataError, match="older flux-jax, without file checksums; run `flux-jax cache`"):
+            LatentCacheReader(cache_dir)
+        if flip:
+            flip_bit(cache_dir / shards[5][0], 8000)
+        summary = build_cache(config(workspace, cache_dir), progress=False, encoders=encoders)
+        assert summary.encoded == (1 if flip else 0) and summary.up_to_date == (not flip)
+        upgraded = json.loads((cache_dir / "cache.json").read_text())
+        if not flip:
+            assert upgraded["files"] == table  # the same table the cache would have had
+        assert "source_digest" in upgraded
+        assert_same_records(records(cache_dir), records(reference))
+
+
+def test_trainer_refuses_a_cache_built_from_other_data_or_settings(
+    workspace: dict[str, Path], reference: Path, tmp_path: Path
+) -> None:
+    """`flux-jax cache` refuses a cache_dir holding another data set's cache; the trainer does too, instead of
+    training on it whatever data.path says. The same data in another folder is the same data."""
+    import shutil
+
+    from flux_jax.data.pipeline import make_train_iterator
+
+    def open_with(**data):
+        cfg = config(workspace, reference, **data)
+        return make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace["photos"], moved)
+    assert next(open_with(path=str(moved)))["latents"].shape[0] == 4  # a copy of the data: fine
+
+    other = tmp_path / "other"
+    shutil.copytree(workspace["photos"], other)
+    (other / "sq3.png").unlink()
+    recaptioned = tmp_path / "recaptioned"
+    shutil.copytree(workspace["photos"], recaptioned)
+    (recaptioned / "sq0.txt").write_text("a photo of a dog")
+    for data, what in (
+        ({"path": str(other)}, f"data.path (folder {other} (5 images); the cache holds folder"),
+        ({"path": str(recaptioned)}, "data.path (folder"),
+        ({"flip": False}, "data.flip differ"),
+        ({"resolution": 192}, "data.resolution / data.resolutions differ"),
+        ({"shuffle_seed": 3}, "data.shuffle_seed differ"),
+    ):
+        with pytest.raises(DataError) as err:
+            open_with(**data)
+        message = str(err.value)
+        assert message.startswith(f"{reference}: this cache was built from other data or settings"), message
+        assert what in message and "run `flux-jax cache` with this config" in message and "\n" not in message
+
+    # Encoders: other encoder files (here: the same files, touched) are other encoders, as for `flux-jax cache`.
+    cfg = config(workspace, reference)
+    weights = next((workspace["encoders"] / "vae").glob("*.safetensors"))
+    stat = weights.stat()
+    try:
+        os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
+        with pytest.raises(DataError, match="the encoders \\(their files\\) differ"):
+            make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4)
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Encoders that are not on the training machine are not compared (training does not need them).
+    fields = cfg.to_dict()
+    gone = from_dict({**fields, "encoders": {**fields["encoders"], "root": str(tmp_path / "no_encoders_here")}})
+    assert next(make_train_iterator(gone, process_index=0, process_count=1, batch_size_per_host=4))

@@ -413,18 +413,29 @@ SHARD = "flux_jax_latent_cache-train.array_record-{:05d}-of-{:05d}"
 
 @pytest.fixture(scope="module")
 def sharded(encoders, workspace: dict[str, Path]) -> tuple[Path, list[tuple[str, int, int]]]:
-    """The reference cache written in 8 shards of 3 records (small shard bounds), and its shards
-    (file, first record, count)."""
+    """The reference cache written in shards of about 28 kB, and its shards (file relative to the cache dir,
+    first record, count), read from the dataset's own TFDS metadata."""
     cache_dir = workspace["base"] / "sharded"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cache_mod, "SHARD_BYTES", 28 << 10)  # about 220 kB of records
+        mp.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
         build_cache(config(workspace, cache_dir), progress=False, encoders=encoders)
+    dataset = cache_dir / "tfds" / "flux_jax_latent_cache" / "1.0.0"
+    lengths = [int(n) for n in json.loads((dataset / "dataset_info.json").read_text())["splits"][0]["shardLengths"]]
+    firsts = np.cumsum([0, *lengths])[:-1].tolist()
+    names = [f"{dataset.relative_to(cache_dir)}/{SHARD.format(k, len(lengths))}" for k in range(len(lengths))]
+    return cache_dir, list(zip(names, firsts, lengths, strict=True))
+
+
+def test_cache_dataset_is_sharded_and_every_file_is_in_the_table(sharded) -> None:
+    cache_dir, shards = sharded
+    assert [(first, count) for _, first, count in shards] == [(3 * k, 3) for k in range(8)]  # about 28 kB each
     table = json.loads((cache_dir / "cache.json").read_text())["files"]
-    shards = sorted(((n, e["first"], e["records"]) for n, e in table.items() if "records" in e), key=lambda s: s[1])
-    assert [(Path(n).name, first, count) for n, first, count in shards] == [
-        (SHARD.format(k, 8), 3 * k, 3) for k in range(8)
-    ]
-    return cache_dir, shards
+    files = sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / "tfds").rglob("*") if p.is_file())
+    assert sorted(table) == sorted([*files, "empty_caption.safetensors"])
+    for name, first, count in shards:
+        assert (table[name]["first"], table[name]["records"]) == (first, count)
+    for name, entry in table.items():
+        assert entry["size"] == (cache_dir / name).stat().st_size and len(entry["crc32"]) == 8
 
 
 def copy_cache(src: Path, dst: Path) -> Path:
@@ -441,12 +452,12 @@ def flip_bit(path: Path, offset: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "problem", "lost"),
+    ("damage", "problem"),
     [
-        ("deleted", "missing", 3),
-        ("truncated", "bytes, cache.json records", 3),
-        ("bit-flipped", "CRC-32", 1),
-        ("dataset_info.json deleted", "missing", 0),
+        ("deleted", "missing"),
+        ("truncated", "bytes, cache.json records"),
+        ("bit-flipped", "CRC-32"),
+        ("dataset_info.json deleted", "missing"),
     ],
 )
 def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost(
@@ -457,24 +468,29 @@ def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost
     sharded: tuple[Path, list[tuple[str, int, int]]],
     damage: str,
     problem: str,
-    lost: int,
 ) -> None:
+    """Lost: every record of a deleted or truncated shard (its index is at its end), the one record whose Riegeli
+    hash no longer matches after a bit flip, nothing when only TFDS's metadata file is gone."""
     from flux_jax.data.pipeline import make_train_iterator
 
     src, shards = sharded
     cache_dir = copy_cache(src, workspace["base"] / f"damaged_{damage.replace(' ', '_')}")
     cfg = config(workspace, cache_dir)
-    shard = cache_dir / shards[2][0]
-    victim = shard
+    name, _, count = shards[len(shards) // 2]  # a shard in the middle
+    shard = victim = cache_dir / name
     if damage == "deleted":
         shard.unlink()
+        lost = count
     elif damage == "truncated":
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        lost = count
     elif damage == "bit-flipped":
         flip_bit(shard, 8000)  # inside the records (the file ends in padding)
+        lost = 1
     else:
         victim = shard.parent / "dataset_info.json"
         victim.unlink()
+        lost = 0
     # Opening (the trainer's first step) refuses it: one line naming the file, no Riegeli or TFDS traceback.
     for open_it in (
         lambda: LatentCacheReader(cache_dir),
@@ -486,7 +502,7 @@ def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost
         assert message.startswith(f"{victim}: ") and problem in message and "flux-jax cache" in message, message
         assert "\n" not in message
     # A re-run is not "up to date": it keeps every intact record and encodes only the lost ones again.
-    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10)
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
     summary = build_cache(cfg, progress=False, encoders=encoders)
     assert not summary.up_to_date and summary.encoded == lost and summary.records == 24
     assert_same_records(records(cache_dir), records(reference))
@@ -507,7 +523,7 @@ def test_a_repair_of_a_repaired_cache_switches_back_and_an_interrupted_repair_is
     reference: Path,
     sharded: tuple[Path, list[tuple[str, int, int]]],
 ) -> None:
-    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10)
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
     src, shards = sharded
     cache_dir = copy_cache(src, workspace["base"] / "repaired_twice")
     cfg = config(workspace, cache_dir)

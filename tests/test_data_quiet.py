@@ -20,7 +20,7 @@ TORCH_NOISE = "PyTorch was not found"
 def test_writing_the_cache_dataset_prints_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     import ml_dtypes
 
-    from flux_jax.data.tfds_builders import CacheShard, write_latent_cache
+    from flux_jax.data.tfds_builders import write_latent_cache
 
     shapes = {"latent_dim": 4, "t5_length": 2, "t5_dim": 3, "clip_dim": 5}
 
@@ -41,11 +41,14 @@ def test_writing_the_cache_dataset_prints_nothing(tmp_path: Path, capfd: pytest.
             }
 
     capfd.readouterr()
-    dataset, shards = write_latent_cache(tmp_path / "tfds", shapes, examples)
+    written = write_latent_cache(tmp_path / "tfds", shapes, examples)
     out, err = capfd.readouterr()
     for noise in TFDS_NOISE:
         assert noise not in out and noise not in err, out + err
     # What was written is all there (the silenced lines were TFDS's only report of it).
+    from flux_jax.data.tfds_builders import CacheShard
+
+    dataset, shards = written
     assert [n for _, n in shards] == [3]
     with CacheShard(dataset / shards[0][0], shapes) as shard:
         assert len(shard) == 3 and shard.read(2)["source"] == b"2.jpg"

@@ -349,10 +349,11 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
 process, port, cfg_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
-from flux_jax.data.cache import build_cache
+from flux_jax.data import cache
 from flux_jax.run_config import load_config
-summary = build_cache(load_config(cfg_path), progress=False)
-print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summary.encoded)
+cache.SHARD_BYTES = 28 << 10  # 8 shards of 3 records, as in the `sharded` fixture
+summary = cache.build_cache(load_config(cfg_path), progress=False)
+print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summary.encoded, summary.up_to_date)
 """
 
 
@@ -360,7 +361,7 @@ print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summa
 def test_two_hosts_build_the_same_cache(workspace: dict[str, Path], reference: Path) -> None:
     """Two processes with 4 CPU devices each (jax.distributed over gloo) on one shared cache dir: each encodes
     its rows of every global batch and writes its own chunks, process 0 finalizes; the records equal the
-    single-process cache's bit for bit."""
+    single-process cache's bit for bit. A damaged shard is found by process 0 and both re-encode its records."""
     import socket
     import subprocess
     import sys
@@ -368,26 +369,35 @@ def test_two_hosts_build_the_same_cache(workspace: dict[str, Path], reference: P
     cache_dir = workspace["base"] / "two_hosts"
     cfg_path = workspace["base"] / "two_hosts.yaml"
     cfg_path.write_text(config(workspace, cache_dir).to_yaml())
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(p), port, str(cfg_path)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for p in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-        assert "RECORDS 2 8 24 24" in out, out[-3000:]
+
+    def run_two(expect: str) -> None:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = str(s.getsockname()[1])
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(p), port, str(cfg_path)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for p in range(2)
+        ]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, out[-3000:]
+            assert expect in out, out[-3000:]
+
+    run_two("RECORDS 2 8 24 24 False")
+    assert_same_records(records(cache_dir), records(reference))
+    table = json.loads((cache_dir / "cache.json").read_text())["files"]
+    middle = sorted((e["first"], name) for name, e in table.items() if "records" in e)[4]
+    (cache_dir / middle[1]).unlink()
+    run_two("RECORDS 2 8 24 3 False")
     assert_same_records(records(cache_dir), records(reference))
 
 

@@ -515,6 +515,7 @@ def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost
     monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
     summary = build_cache(cfg, progress=False, encoders=encoders)
     assert not summary.up_to_date and summary.encoded == lost and summary.records == 24
+    assert summary.damaged == (victim.relative_to(cache_dir).as_posix(),)
     assert_same_records(records(cache_dir), records(reference))
     assert sorted(p.name for p in cache_dir.iterdir()) == [
         "cache.json",
@@ -612,11 +613,14 @@ def test_trainer_refuses_a_cache_built_from_other_data_or_settings(
     shutil.copytree(workspace["photos"], recaptioned)
     (recaptioned / "sq0.txt").write_text("a photo of a dog")
     for data, what in (
-        ({"path": str(other)}, f"data.path (folder {other} (5 images); the cache holds folder"),
-        ({"path": str(recaptioned)}, "data.path (folder"),
-        ({"flip": False}, "data.flip differ"),
-        ({"resolution": 192}, "data.resolution / data.resolutions differ"),
-        ({"shuffle_seed": 3}, "data.shuffle_seed differ"),
+        (
+            {"path": str(other)},
+            f"(data.path is folder {other} (5 images), the cache holds folder {workspace['photos']}",
+        ),
+        ({"path": str(recaptioned)}, f"(data.path is folder {recaptioned} (6 images), the cache holds"),
+        ({"flip": False}, "(data.flip is False, the cache has True)"),
+        ({"resolution": 192}, "(data.resolution / data.resolutions is [192], the cache has [128])"),
+        ({"shuffle_seed": 3}, "(data.shuffle_seed is 3, the cache has 0)"),
     ):
         with pytest.raises(DataError) as err:
             open_with(**data)
@@ -630,7 +634,7 @@ def test_trainer_refuses_a_cache_built_from_other_data_or_settings(
     stat = weights.stat()
     try:
         os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
-        with pytest.raises(DataError, match="the encoders \\(their files\\) differ"):
+        with pytest.raises(DataError, match="the encoders are not the files the cache was encoded with"):
             make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4)
     finally:
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -201,6 +201,8 @@ class CacheSummary:
     report: DataReport
     buckets: tuple[Bucket, ...]
     up_to_date: bool = False
+    damaged: tuple[str, ...] = ()
+    """Files of a complete cache found damaged and repaired by this run (on process 0; paths in the cache dir)."""
 
     @property
     def images_per_second(self) -> float:
@@ -241,7 +243,6 @@ _SETTING_KEYS = {
     "max_image_pixels": "data.max_image_pixels",
     "t5_max_length": "encoders.t5_max_length",
     "encoder_dtype": "encoders.dtype",
-    "encoders": "the encoders (their files)",
 }
 _BUCKET_KEYS = {
     "sides": "data.resolution / data.resolutions",
@@ -268,22 +269,26 @@ def check_built_from(cfg: Any, cache_dir: Path, info: dict[str, Any]) -> None:
     ours, theirs = json.loads(json.dumps(settings)), info.get("settings") or {}
     differ = []
     for key, value in ours.items():
-        if key == "encoders" and identity is None:
-            continue
-        if key == "buckets" and isinstance(theirs.get(key), dict):
-            differ += [_BUCKET_KEYS.get(k, k) for k in value if value[k] != theirs[key].get(k)]
+        if key == "encoders":
+            if identity is not None and value != theirs.get(key):
+                differ.append("the encoders are not the files the cache was encoded with")
+        elif key == "buckets" and isinstance(theirs.get(key), dict):
+            differ += [
+                f"{_BUCKET_KEYS.get(k, k)} is {v}, the cache has {theirs[key].get(k)}"
+                for k, v in value.items()
+                if v != theirs[key].get(k)
+            ]
         elif value != theirs.get(key):
-            differ.append(_SETTING_KEYS.get(key, key))
+            differ.append(f"{_SETTING_KEYS.get(key, key)} is {value}, the cache has {theirs.get(key)}")
     if not differ and identity is not None and _fingerprint(settings) != info.get("fingerprint"):
-        differ.append("the settings fingerprint")
+        differ.append("the settings fingerprint differs")
     source = open_source(cfg.data)
     if source.fingerprint() != info.get("source_digest"):
-        differ.insert(0, f"data.path ({source.describe()}; the cache holds {info.get('source', 'other data')})")
+        differ.insert(0, f"data.path is {source.describe()}, the cache holds {info.get('source', 'other data')}")
     if differ:
         raise DataError(
-            f"{cache_dir}: this cache was built from other data or settings than this config's ({'; '.join(differ)}"
-            " differ); run `flux-jax cache` with this config (--force replaces the cache), or set data.cache_dir "
-            "to another directory"
+            f"{cache_dir}: this cache was built from other data or settings ({'; '.join(differ)}); run `flux-jax "
+            "cache` with this config (--force replaces the cache), or set data.cache_dir to another directory"
         )
 
 
@@ -340,6 +345,7 @@ def build_cache(
     process, processes = jax.process_index(), jax.process_count()
     kept: _Kept | None = None
     intact = np.zeros(len(items), bool)
+    damaged: tuple[str, ...] = ()
     if done_marker.is_file():
         info = _read_info(done_marker)
         if info.get("fingerprint") != fingerprint or info.get("items_digest") != digest:
@@ -353,7 +359,7 @@ def build_cache(
             problems, kept = _survey(cache_dir, info, items)
             intact = kept.intact
             if problems:
-                status = 2
+                status, damaged = 2, tuple(problems)
                 for name, problem in problems.items():
                     log.warning("cache %s: %s: %s", cache_dir, name, problem)
                 log.warning(
@@ -428,7 +434,7 @@ def build_cache(
             kept if kept is not None and kept.intact.any() else None,
         )
     _barrier("flux_jax_cache_done")
-    return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets)
+    return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets, damaged=damaged)
 
 
 def _barrier(name: str) -> None:

@@ -29,8 +29,7 @@ class LatentCacheReader:
     ``describe()``) so `flux_jax.data.examples.BatchIterator` can read it directly.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, *, checksums: bool = True):
-        """``checksums=False`` checks file sizes only (a truncated or deleted file, not a flipped bit)."""
+    def __init__(self, cache_dir: str | os.PathLike):
         import tensorflow_datasets as tfds
 
         self.path = Path(cache_dir)
@@ -66,7 +65,7 @@ class LatentCacheReader:
                 f"{marker}: written by an older flux-jax, without file checksums; run `flux-jax cache` with this "
                 "config once to verify the cache and record them (nothing is encoded again)"
             )
-        problems = check_files(self.path, table, checksums=checksums)
+        problems = check_files(self.path, table)
         if problems:
             name, problem = next(iter(problems.items()))
             more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""

@@ -542,9 +542,8 @@ def _survey(cache_dir: Path, info: dict[str, Any], items: Sequence[WorkItem]) ->
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{cache_dir / CACHE_JSON}: malformed ({e!r}); run with --force to rebuild the cache") from None
     intact = np.zeros(len(items), bool)
-    if [first for _, first, _ in shards] != np.cumsum([0] + [n for *_, n in shards])[:-1].tolist() or sum(
-        n for *_, n in shards
-    ) != len(items):
+    ends = [first + count for _, first, count in shards]
+    if [first for _, first, _ in shards] != [0, *ends[:-1]] or (ends[-1] if ends else 0) != len(items):
         problems.setdefault(dataset, f"its shards do not hold the {len(items)} records cache.json lists")
         shards = []
     for name, first, count in shards:

@@ -53,7 +53,8 @@ class LatentCacheReader:
             n = int(info["num_records"])
             table = info.get("files")
             if table is not None and not (
-                isinstance(table, dict) and all(isinstance(e, dict) and "size" in e for e in table.values())
+                isinstance(table, dict)
+                and all(isinstance(e, dict) and {"size", "crc32"} <= e.keys() for e in table.values())
             ):
                 raise ValueError("the file table is not a mapping of file -> size and CRC-32")
         except (KeyError, TypeError, ValueError, OSError) as e:

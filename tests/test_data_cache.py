@@ -349,10 +349,11 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_default_matmul_precision", "highest")
 process, port, cfg_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
-from flux_jax.data.cache import build_cache
+from flux_jax.data import cache
 from flux_jax.run_config import load_config
-summary = build_cache(load_config(cfg_path), progress=False)
-print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summary.encoded)
+cache.SHARD_BYTES = 28 << 10  # 8 shards of 3 records, as in the `sharded` fixture
+summary = cache.build_cache(load_config(cfg_path), progress=False)
+print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summary.encoded, summary.up_to_date)
 """
 
 
@@ -360,7 +361,7 @@ print("RECORDS", jax.process_count(), jax.device_count(), summary.records, summa
 def test_two_hosts_build_the_same_cache(workspace: dict[str, Path], reference: Path) -> None:
     """Two processes with 4 CPU devices each (jax.distributed over gloo) on one shared cache dir: each encodes
     its rows of every global batch and writes its own chunks, process 0 finalizes; the records equal the
-    single-process cache's bit for bit."""
+    single-process cache's bit for bit. A damaged shard is found by process 0 and both re-encode its records."""
     import socket
     import subprocess
     import sys
@@ -368,26 +369,35 @@ def test_two_hosts_build_the_same_cache(workspace: dict[str, Path], reference: P
     cache_dir = workspace["base"] / "two_hosts"
     cfg_path = workspace["base"] / "two_hosts.yaml"
     cfg_path.write_text(config(workspace, cache_dir).to_yaml())
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
     env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(p), port, str(cfg_path)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for p in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-        assert "RECORDS 2 8 24 24" in out, out[-3000:]
+
+    def run_two(expect: str) -> None:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = str(s.getsockname()[1])
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(p), port, str(cfg_path)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for p in range(2)
+        ]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        for p, out in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, out[-3000:]
+            assert expect in out, out[-3000:]
+
+    run_two("RECORDS 2 8 24 24 False")
+    assert_same_records(records(cache_dir), records(reference))
+    table = json.loads((cache_dir / "cache.json").read_text())["files"]
+    middle = sorted((e["first"], name) for name, e in table.items() if "records" in e)[4]
+    (cache_dir / middle[1]).unlink()
+    run_two("RECORDS 2 8 24 3 False")
     assert_same_records(records(cache_dir), records(reference))
 
 
@@ -402,3 +412,233 @@ def test_cache_dir_defaults_and_a_bucket_output_dir_needs_an_explicit_local_one(
     with pytest.raises(ConfigError, match="data.cache_dir") as err:
         cache_mod.resolve_cache_dir(remote)
     assert err.value.key == "data.cache_dir"
+
+
+# --------------------------------------------------------------------------------------------------
+# Damage: the file table in cache.json, checked on open and on a re-run; a re-run re-encodes only what was lost
+
+
+SHARD = "flux_jax_latent_cache-train.array_record-{:05d}-of-{:05d}"
+
+
+@pytest.fixture(scope="module")
+def sharded(encoders, workspace: dict[str, Path]) -> tuple[Path, list[tuple[str, int, int]]]:
+    """The reference cache written in shards of about 28 kB, and its shards (file relative to the cache dir,
+    first record, count), read from the dataset's own TFDS metadata."""
+    cache_dir = workspace["base"] / "sharded"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
+        build_cache(config(workspace, cache_dir), progress=False, encoders=encoders)
+    dataset = cache_dir / "tfds" / "flux_jax_latent_cache" / "1.0.0"
+    lengths = [int(n) for n in json.loads((dataset / "dataset_info.json").read_text())["splits"][0]["shardLengths"]]
+    firsts = np.cumsum([0, *lengths])[:-1].tolist()
+    names = [f"{dataset.relative_to(cache_dir)}/{SHARD.format(k, len(lengths))}" for k in range(len(lengths))]
+    return cache_dir, list(zip(names, firsts, lengths, strict=True))
+
+
+def test_cache_dataset_is_sharded_and_every_file_is_in_the_table(sharded) -> None:
+    cache_dir, shards = sharded
+    assert [(first, count) for _, first, count in shards] == [(3 * k, 3) for k in range(8)]  # about 28 kB each
+    table = json.loads((cache_dir / "cache.json").read_text())["files"]
+    files = sorted(p.relative_to(cache_dir).as_posix() for p in (cache_dir / "tfds").rglob("*") if p.is_file())
+    assert sorted(table) == sorted([*files, "empty_caption.safetensors"])
+    for name, first, count in shards:
+        assert (table[name]["first"], table[name]["records"]) == (first, count)
+    for name, entry in table.items():
+        assert entry["size"] == (cache_dir / name).stat().st_size and len(entry["crc32"]) == 8
+
+
+def copy_cache(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("deleted", "missing"),
+        ("truncated", "bytes, cache.json records"),
+        ("bit-flipped", "CRC-32"),
+        ("dataset_info.json deleted", "missing"),
+    ],
+)
+def test_damaged_cache_is_refused_on_open_and_a_rerun_encodes_only_what_was_lost(
+    monkeypatch: pytest.MonkeyPatch,
+    encoders,
+    workspace: dict[str, Path],
+    reference: Path,
+    sharded: tuple[Path, list[tuple[str, int, int]]],
+    damage: str,
+    problem: str,
+) -> None:
+    """Lost: every record of a deleted or truncated shard (its index is at its end), the one record whose Riegeli
+    hash no longer matches after a bit flip, nothing when only TFDS's metadata file is gone."""
+    from flux_jax.data.pipeline import make_train_iterator
+
+    src, shards = sharded
+    cache_dir = copy_cache(src, workspace["base"] / f"damaged_{damage.replace(' ', '_')}")
+    cfg = config(workspace, cache_dir)
+    name, _, count = shards[len(shards) // 2]  # a shard in the middle
+    shard = victim = cache_dir / name
+    if damage == "deleted":
+        shard.unlink()
+        lost = count
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        lost = count
+    elif damage == "bit-flipped":
+        flip_bit(shard, 8000)  # inside the records (the file ends in padding)
+        lost = 1
+    else:
+        victim = shard.parent / "dataset_info.json"
+        victim.unlink()
+        lost = 0
+    # Opening (the trainer's first step) refuses it: one line naming the file, no Riegeli or TFDS traceback.
+    for open_it in (
+        lambda: LatentCacheReader(cache_dir),
+        lambda: make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4),
+    ):
+        with pytest.raises(DataError) as err:
+            open_it()
+        message = str(err.value)
+        assert message.startswith(f"{victim}: ") and problem in message and "flux-jax cache" in message, message
+        assert "\n" not in message
+    # A re-run is not "up to date": it keeps every intact record and encodes only the lost ones again.
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
+    summary = build_cache(cfg, progress=False, encoders=encoders)
+    assert not summary.up_to_date and summary.encoded == lost and summary.records == 24
+    assert summary.damaged == (victim.relative_to(cache_dir).as_posix(),)
+    assert_same_records(records(cache_dir), records(reference))
+    assert sorted(p.name for p in cache_dir.iterdir()) == [
+        "cache.json",
+        "empty_caption.safetensors",
+        "report.json",
+        "tfds-repaired",  # the repaired dataset was written beside the damaged one, which is gone
+    ]
+    assert build_cache(cfg, progress=False, encoders=encoders).up_to_date
+    next(make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4))
+
+
+def test_a_repair_of_a_repaired_cache_switches_back_and_an_interrupted_repair_is_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+    encoders,
+    workspace: dict[str, Path],
+    reference: Path,
+    sharded: tuple[Path, list[tuple[str, int, int]]],
+) -> None:
+    monkeypatch.setattr(cache_mod, "SHARD_BYTES", 28 << 10, raising=False)
+    src, shards = sharded
+    cache_dir = copy_cache(src, workspace["base"] / "repaired_twice")
+    cfg = config(workspace, cache_dir)
+    (cache_dir / shards[0][0]).unlink()
+    assert build_cache(cfg, progress=False, encoders=encoders).encoded == 3
+    info = json.loads((cache_dir / "cache.json").read_text())
+    assert info["dataset"].startswith("tfds-repaired/")
+    # Damage the repaired dataset (records 6-11: 2 wide, 4 square photos' records), and interrupt its repair after
+    # the first re-encoded chunk (the 4 square ones: buckets are encoded in bucket order).
+    repaired = sorted(name for name, e in info["files"].items() if "records" in e)
+    assert len(repaired) == 8
+    for name in repaired[2:4]:
+        (cache_dir / name).unlink()
+
+    def crash(rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cfg, progress=False, encoders=encoders, on_batch=crash)
+    with pytest.raises(DataError, match="missing"):
+        LatentCacheReader(cache_dir)  # still the damaged cache, never a half-repaired one
+    summary = build_cache(cfg, progress=False, encoders=encoders)
+    assert summary.encoded == 2  # the chunk written before the interruption was kept
+    assert json.loads((cache_dir / "cache.json").read_text())["dataset"].startswith("tfds/")
+    assert not (cache_dir / "tfds-repaired").exists() and not (cache_dir / "work").exists()
+    assert_same_records(records(cache_dir), records(reference))
+
+
+def test_a_cache_without_file_table_is_verified_once_by_a_rerun(
+    encoders, workspace: dict[str, Path], reference: Path, sharded: tuple[Path, list[tuple[str, int, int]]]
+) -> None:
+    """A cache written before cache.json had a file table: the reader asks for a `flux-jax cache` run, which reads
+    every record (Riegeli's per-record hashes), records the table without encoding anything, or re-encodes the
+    records that do not read back."""
+    src, shards = sharded
+    for name, flip in (("old_intact", False), ("old_flipped", True)):
+        cache_dir = copy_cache(src, workspace["base"] / name)
+        info = json.loads((cache_dir / "cache.json").read_text())
+        table = info.pop("files")
+        info.pop("source_digest")
+        (cache_dir / "cache.json").write_text(json.dumps(info))
+        with pytest.raises(DataError, match="older flux-jax, without file checksums; run `flux-jax cache`"):
+            LatentCacheReader(cache_dir)
+        if flip:
+            flip_bit(cache_dir / shards[5][0], 8000)
+        summary = build_cache(config(workspace, cache_dir), progress=False, encoders=encoders)
+        assert summary.encoded == (1 if flip else 0) and summary.up_to_date == (not flip)
+        upgraded = json.loads((cache_dir / "cache.json").read_text())
+        if not flip:
+            assert upgraded["files"] == table  # the same table the cache would have had
+        assert "source_digest" in upgraded
+        assert_same_records(records(cache_dir), records(reference))
+
+
+def test_trainer_refuses_a_cache_built_from_other_data_or_settings(
+    workspace: dict[str, Path], reference: Path, tmp_path: Path
+) -> None:
+    """`flux-jax cache` refuses a cache_dir holding another data set's cache; the trainer does too, instead of
+    training on it whatever data.path says. The same data in another folder is the same data."""
+    import shutil
+
+    from flux_jax.data.pipeline import make_train_iterator
+
+    def open_with(**data):
+        cfg = config(workspace, reference, **data)
+        return make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4)
+
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace["photos"], moved)
+    assert next(open_with(path=str(moved)))["latents"].shape[0] == 4  # a copy of the data: fine
+
+    other = tmp_path / "other"
+    shutil.copytree(workspace["photos"], other)
+    (other / "sq3.png").unlink()
+    recaptioned = tmp_path / "recaptioned"
+    shutil.copytree(workspace["photos"], recaptioned)
+    (recaptioned / "sq0.txt").write_text("a photo of a dog")
+    for data, what in (
+        (
+            {"path": str(other)},
+            f"(data.path is folder {other} (5 images), the cache holds folder {workspace['photos']}",
+        ),
+        ({"path": str(recaptioned)}, f"(data.path is folder {recaptioned} (6 images), the cache holds"),
+        ({"flip": False}, "(data.flip is False, the cache has True)"),
+        ({"resolution": 192}, "(data.resolution / data.resolutions is [192], the cache has [128])"),
+        ({"shuffle_seed": 3}, "(data.shuffle_seed is 3, the cache has 0)"),
+    ):
+        with pytest.raises(DataError) as err:
+            open_with(**data)
+        message = str(err.value)
+        assert message.startswith(f"{reference}: this cache was built from other data or settings"), message
+        assert what in message and "run `flux-jax cache` with this config" in message and "\n" not in message
+
+    # Encoders: other encoder files (here: the same files, touched) are other encoders, as for `flux-jax cache`.
+    cfg = config(workspace, reference)
+    weights = next((workspace["encoders"] / "vae").glob("*.safetensors"))
+    stat = weights.stat()
+    try:
+        os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
+        with pytest.raises(DataError, match="the encoders are not the files the cache was encoded with"):
+            make_train_iterator(cfg, process_index=0, process_count=1, batch_size_per_host=4)
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # Encoders that are not on the training machine are not compared (training does not need them).
+    fields = cfg.to_dict()
+    gone = from_dict({**fields, "encoders": {**fields["encoders"], "root": str(tmp_path / "no_encoders_here")}})
+    assert next(make_train_iterator(gone, process_index=0, process_count=1, batch_size_per_host=4))

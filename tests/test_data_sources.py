@@ -95,6 +95,44 @@ def test_folder_errors_name_the_folder(tmp_path: Path) -> None:
         open_source(DataConfig())
 
 
+@pytest.mark.parametrize(
+    "file_name",
+    ["/etc/passwd", "../outside.jpg", "sub/../../outside.jpg", "C:\\photos\\x.jpg"],
+    ids=["absolute", "parent", "climbs-out", "windows-drive"],
+)
+def test_metadata_must_not_point_outside_its_folder(tmp_path: Path, file_name: str) -> None:
+    """An absolute or climbing ``file_name`` is one clear error naming the metadata line (not a ValueError from
+    pathlib, and never a file outside the dataset); the same row with a plain name is fine."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "x.jpg").write_bytes(jpeg(0))
+    (tmp_path / "outside.jpg").write_bytes(jpeg(1))
+    rows = [{"file_name": "x.jpg", "text": "fine"}, {"file_name": file_name, "text": "hostile"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(im.DataError) as err:
+        FolderSource(root)
+    message = str(err.value)
+    assert message.startswith(f"{root / 'metadata.jsonl'}:2: file_name {file_name!r}") and "\n" not in message
+    assert "never outside it" in message
+    (root / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert FolderSource(root).entries[0].caption == ("text", "fine")
+
+
+def test_metadata_path_error_is_one_line_from_the_cli(tmp_path: Path, capsys) -> None:
+    from flux_jax.cli import main
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "x.jpg").write_bytes(jpeg(0))
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": str(root / "x.jpg"), "text": "abs"}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {root}\n  cache_dir: {tmp_path / 'cache'}\n")
+    assert main(["cache", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"error: {root / 'metadata.jsonl'}:1: file_name" in err, err
+    assert "Traceback" not in err and not (tmp_path / "cache").exists()
+
+
 def test_unreadable_file_is_reported(kohya: Path) -> None:
     src = FolderSource(kohya)
     (kohya / "a.jpg").unlink()  # vanished after listing

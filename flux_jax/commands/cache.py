@@ -4,9 +4,11 @@
     flux-jax cache --config run.yaml data.path=photos encoders.root=/models/FLUX.1-dev --strict
 
 Encodes every example once (VAE latents, T5 states, CLIP pooled vectors), batched per aspect-ratio bucket and
-sharded on the mesh, into ``data.cache_dir``. Re-running resumes an interrupted cache and is a no-op on a
-complete one. Bad inputs are converted or skipped and listed in ``<cache_dir>/report.json``; ``--strict`` makes
-any of them an error before anything is written.
+sharded on the mesh, into ``data.cache_dir``. Re-running resumes an interrupted cache; on a complete one it
+checks every file against the sizes and CRC-32s in cache.json and is a no-op when they match, and otherwise
+(a file deleted, truncated or changed) encodes again only the records that no longer read back intact. Bad
+inputs are converted or skipped and listed in ``<cache_dir>/report.json``; ``--strict`` makes any of them an
+error before anything is written.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if summary.up_to_date:
         print(f"cache {summary.cache_dir} is up to date ({summary.records} records)")
         return 0
+    if summary.damaged:
+        shown = ", ".join(summary.damaged[:3]) + (
+            f" and {len(summary.damaged) - 3} more" if len(summary.damaged) > 3 else ""
+        )
+        print(
+            f"repaired the damaged cache in {summary.cache_dir} ({shown}): {summary.encoded} of {summary.records} "
+            "records encoded again" + (", the others kept" if summary.encoded < summary.records else "")
+        )
     buckets = ", ".join(map(str, summary.buckets))
     print(
         f"cached {summary.records} records ({summary.encoded} encoded now in {summary.seconds:.1f} s, compilation "

@@ -3,10 +3,11 @@
 A cache directory holds::
 
   cache.json                  written last, atomically: its presence means the cache is complete. Format,
-                              fingerprint, bucket table and a per-record index (bucket, group, repeats).
+                              fingerprint, the source's fingerprint, bucket table, a per-record index (bucket,
+                              group, repeats) and the file table (size and CRC-32 of every file, `cache_files`).
   report.json                 the bad-data report (counts and file names per reason)
   empty_caption.safetensors   T5 and CLIP of the empty caption (caption dropout swaps these in)
-  tfds/flux_jax_latent_cache/1.0.0/   the records (`tfds_builders.LatentCache`)
+  tfds/flux_jax_latent_cache/1.0.0/   the records (`tfds_builders.LatentCache`); ``tfds-repaired/`` after a repair
   work/                       while encoding: fingerprint.json and one chunk file per encoded batch and host
   demo_encoders/              the generated tiny encoders, when no encoders are configured
 
@@ -19,6 +20,13 @@ finally cache.json, then drop the chunks. Augmentation is decided per example id
 its mirror) is its own record, and the pipeline picks one record of a group per appearance. Read a complete
 cache with `cache_reader.LatentCacheReader`.
 
+Re-running on a complete cache checks it (`cache_files`: every file's size and CRC-32); a damaged cache (a
+file deleted, truncated or changed) is repaired: the records that still read back intact (every record of an
+intact shard, and each record of a damaged shard whose Riegeli hash still matches) are kept, only the others are
+encoded again, and a new dataset is written beside the old one (``tfds`` <-> ``tfds-repaired``) and switched to
+by cache.json's atomic rewrite, so a repair that dies leaves the damaged cache to repair again, never a mix. A
+cache written before file tables existed is verified by reading every record, then given its table.
+
 On several hosts every process scans the data, all of them step through the same batches (each encodes its rows
 of every global batch and writes its own chunks) and process 0 finalizes, so ``cache_dir`` must be on a
 filesystem every host sees.
@@ -26,11 +34,13 @@ filesystem every host sees.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -43,6 +53,7 @@ from tqdm import tqdm
 
 from flux_jax.atomic import atomic_file
 from flux_jax.data.buckets import Bucket, BucketSpec, crop_box, render
+from flux_jax.data.cache_files import check_files, file_table
 from flux_jax.data.images import (
     CAPTION_EMPTY,
     CAPTION_MISSING,
@@ -65,8 +76,12 @@ CACHE_JSON = "cache.json"
 REPORT_JSON = "report.json"
 EMPTY_CAPTION = "empty_caption.safetensors"
 TFDS_DIR = "tfds"
+REPAIR_DIR = "tfds-repaired"  # a repair writes the dataset into the other of these two and then switches
 WORK_DIR = "work"
 DEMO_ENCODERS = "demo_encoders"
+# Target size of one shard of the cache's dataset: a truncated or deleted shard costs the encoding of its records
+# only, and shards are checksummed in parallel.
+SHARD_BYTES = 256 << 20
 
 
 def resolve_cache_dir(cfg: Any) -> Path:
@@ -186,6 +201,8 @@ class CacheSummary:
     report: DataReport
     buckets: tuple[Bucket, ...]
     up_to_date: bool = False
+    damaged: tuple[str, ...] = ()
+    """Files of a complete cache found damaged and repaired by this run (on process 0; paths in the cache dir)."""
 
     @property
     def images_per_second(self) -> float:
@@ -214,6 +231,67 @@ def _fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
+# The config keys behind each entry of `_settings` (for messages).
+_SETTING_KEYS = {
+    "format": "the cache format",
+    "version": "the cache format version",
+    "crop": "data.crop",
+    "crop_variants": "data.crop_variants",
+    "flip": "data.flip",
+    "seed": "data.shuffle_seed",
+    "missing_caption": "data.missing_caption",
+    "max_image_pixels": "data.max_image_pixels",
+    "t5_max_length": "encoders.t5_max_length",
+    "encoder_dtype": "encoders.dtype",
+}
+_BUCKET_KEYS = {
+    "sides": "data.resolution / data.resolutions",
+    "step": "data.bucket_step",
+    "max_aspect": "data.max_aspect",
+    "max_upscale": "data.max_upscale",
+}
+
+
+def check_built_from(cfg: Any, cache_dir: Path, info: dict[str, Any]) -> None:
+    """The trainer's check that the complete cache in ``cache_dir`` (``info``: its cache.json) holds ``cfg.data``
+    encoded with ``cfg``'s settings: the same `_settings` (and `_fingerprint`) `build_cache` compares, and the
+    source's `fingerprint` (names, sizes and captions: no image is decoded) against the one recorded. Encoders
+    named by path are compared only when their files are on this machine (training does not need them)."""
+    from flux_jax.data.encoding import demo_stamp, resolve_encoder_paths
+
+    identity: Any = demo_stamp(cfg)
+    if identity is None:
+        try:
+            identity = resolve_encoder_paths(cfg, cache_dir / DEMO_ENCODERS)[0].identity()
+        except FluxJaxError as e:
+            log.info("not comparing the cache's encoders with this config's: %s", e)
+    settings = _settings(cfg, BucketSpec.from_config(cfg.data), identity)
+    ours, theirs = json.loads(json.dumps(settings)), info.get("settings") or {}
+    differ = []
+    for key, value in ours.items():
+        if key == "encoders":
+            if identity is not None and value != theirs.get(key):
+                differ.append("the encoders are not the files the cache was encoded with")
+        elif key == "buckets" and isinstance(theirs.get(key), dict):
+            differ += [
+                f"{_BUCKET_KEYS.get(k, k)} is {v}, the cache has {theirs[key].get(k)}"
+                for k, v in value.items()
+                if v != theirs[key].get(k)
+            ]
+        elif value != theirs.get(key):
+            differ.append(f"{_SETTING_KEYS.get(key, key)} is {value}, the cache has {theirs.get(key)}")
+    if not differ and identity is not None and _fingerprint(settings) != info.get("fingerprint"):
+        differ.append("the settings fingerprint differs")
+    source = open_source(cfg.data)
+    if source.fingerprint() != info.get("source_digest"):
+        differ.insert(0, f"data.path is {source.describe()}, the cache holds {info.get('source', 'other data')}")
+    if differ:
+        raise DataError(
+            f"{cache_dir}: this cache was built from other data or settings ({'; '.join(differ)}); run `flux-jax "
+            "cache` with this config (--force replaces the cache), or set data.cache_dir to another directory"
+        )
+
+
 def _items_digest(items: Sequence[WorkItem]) -> str:
     return hashlib.sha256("\n".join(it.id for it in items).encode()).hexdigest()[:32]
 
@@ -221,7 +299,7 @@ def _items_digest(items: Sequence[WorkItem]) -> str:
 def _clear(cache_dir: Path) -> None:
     """Remove a cache (completion marker first, so a half-removed cache never looks complete)."""
     (cache_dir / CACHE_JSON).unlink(missing_ok=True)
-    for name in (TFDS_DIR, WORK_DIR):
+    for name in (TFDS_DIR, REPAIR_DIR, WORK_DIR):
         shutil.rmtree(cache_dir / name, ignore_errors=True)
     for name in (REPORT_JSON, EMPTY_CAPTION):
         (cache_dir / name).unlink(missing_ok=True)
@@ -248,6 +326,7 @@ def build_cache(
 
     strict = cfg.data.strict if strict is None else strict
     source = open_source(cfg.data)
+    source_digest = source.fingerprint()
     spec = BucketSpec.from_config(cfg.data)
     cache_dir = resolve_cache_dir(cfg)
     items, report = scan(source, cfg.data, spec)
@@ -263,18 +342,42 @@ def build_cache(
     if force:
         _clear(cache_dir)
     done_marker = cache_dir / CACHE_JSON
+    process, processes = jax.process_index(), jax.process_count()
+    kept: _Kept | None = None
+    intact = np.zeros(len(items), bool)
+    damaged: tuple[str, ...] = ()
     if done_marker.is_file():
-        info = json.loads(done_marker.read_text())
-        if info.get("fingerprint") == fingerprint and info.get("items_digest") == digest:
+        info = _read_info(done_marker)
+        if info.get("fingerprint") != fingerprint or info.get("items_digest") != digest:
+            raise DataError(
+                f"{cache_dir}: a complete cache built from other data or settings is there; run with --force to "
+                "rebuild it, or set data.cache_dir to another directory"
+            )
+        # Process 0 checks the files; every process needs the outcome (they step through the same batches).
+        status = 0
+        if process == 0:
+            problems, kept = _survey(cache_dir, info, items)
+            intact = kept.intact
+            if problems:
+                status, damaged = 2, tuple(problems)
+                for name, problem in problems.items():
+                    log.warning("cache %s: %s: %s", cache_dir, name, problem)
+                log.warning(
+                    "cache %s is damaged: encoding the %d records it lost again, keeping the %d intact ones",
+                    cache_dir,
+                    int((~intact).sum()),
+                    int(intact.sum()),
+                )
+            elif "files" not in info:
+                status = 1  # an older cache, verified by reading every record: record its file table now
+                _record_files(cache_dir, info, kept, source_digest)
+        status_and_intact = _broadcast(np.concatenate([[status], intact.astype(np.int32)]).astype(np.int32))
+        status, intact = int(status_and_intact[0]), status_and_intact[1:].astype(bool)
+        if status != 2:
             log.info("cache %s is up to date (%d records)", cache_dir, info["num_records"])
             return CacheSummary(cache_dir, int(info["num_records"]), 0, 0.0, report, spec.all_buckets, True)
-        raise DataError(
-            f"{cache_dir}: a complete cache built from other data or settings is there; run with --force to "
-            "rebuild it, or set data.cache_dir to another directory"
-        )
 
     work = cache_dir / WORK_DIR
-    process, processes = jax.process_index(), jax.process_count()
     _open_work_dir(work, fingerprint, settings, process)
     _barrier("flux_jax_cache_open")
     enc = cfg.encoders
@@ -288,7 +391,7 @@ def build_cache(
     global_batch = -(-cfg.encoders.batch_size // multiple) * multiple
 
     done = _done_items(work)
-    pending = [it for it in items if it.id not in done]
+    pending = [it for it, keep in zip(items, intact, strict=True) if it.id not in done and not keep]
     start = time.perf_counter()
     seq = _next_seq(work, process)
     buckets = spec.all_buckets
@@ -316,9 +419,22 @@ def build_cache(
     rows = global_batch // processes
     empty = encoders.encode_text([""] * rows, global_batch)
     if process == 0:
-        _finalize(cache_dir, items, report, spec, settings, fingerprint, digest, empty, encoders, source.describe())
+        _finalize(
+            cache_dir,
+            items,
+            report,
+            spec,
+            settings,
+            fingerprint,
+            digest,
+            empty,
+            encoders,
+            source.describe(),
+            source_digest,
+            kept if kept is not None and kept.intact.any() else None,
+        )
     _barrier("flux_jax_cache_done")
-    return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets)
+    return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets, damaged=damaged)
 
 
 def _barrier(name: str) -> None:
@@ -328,6 +444,153 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _broadcast(values: np.ndarray) -> np.ndarray:
+    """Process 0's ``values`` on every process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
+def _read_info(marker: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(marker.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        return info
+    except (OSError, ValueError) as e:
+        raise DataError(f"{marker}: unreadable ({e}); run with --force to rebuild the cache") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Verify and repair a complete cache
+
+
+@dataclasses.dataclass
+class _Kept:
+    """A complete cache's records that read back intact: what a repair copies into the new dataset."""
+
+    cache_dir: Path
+    shapes: dict[str, int]
+    shards: list[tuple[str, int, int]]
+    """(file, relative to the cache dir; first record; count), in record order."""
+    intact: np.ndarray
+    """[records] bool."""
+    dataset: str
+    """The dataset directory, relative to the cache dir."""
+
+    def __post_init__(self) -> None:
+        self._open: dict[str, Any] = {}
+        self._firsts = [first for _, first, _ in self.shards]
+
+    def read(self, index: int) -> dict[str, Any]:
+        from flux_jax.data.tfds_builders import CacheShard
+
+        name, first, count = self.shards[bisect.bisect_right(self._firsts, index) - 1]
+        if not first <= index < first + count:
+            raise IndexError(index)
+        if name not in self._open:
+            self.close()  # records are read in order: one shard open at a time
+            self._open = {name: CacheShard(self.cache_dir / name, self.shapes)}
+        return self._open[name].read(index - first)
+
+    def close(self) -> None:
+        for shard in self._open.values():
+            shard.close()
+        self._open = {}
+
+
+def _shards_from_table(table: dict[str, Any]) -> list[tuple[str, int, int]]:
+    return sorted(
+        ((name, int(e["first"]), int(e["records"])) for name, e in table.items() if "records" in e),
+        key=lambda shard: shard[1],
+    )
+
+
+def _survey(cache_dir: Path, info: dict[str, Any], items: Sequence[WorkItem]) -> tuple[dict[str, str], _Kept]:
+    """What is damaged in a complete cache (file -> problem; empty when it is intact) and which records survive.
+
+    With a file table: sizes and checksums decide; the records of an intact shard are kept unread and a damaged
+    shard is read record by record (Riegeli checks a hash per record). Without one (a cache written before file
+    tables existed): every record of every shard is read."""
+    from flux_jax.data.tfds_builders import SPLIT, CacheShard
+
+    try:
+        shapes = {k: int(v) for k, v in info["shapes"].items()}
+        dataset = str(info["dataset"])
+        table = info.get("files")
+        problems: dict[str, str] = {}
+        if isinstance(table, dict):
+            problems = check_files(cache_dir, table)
+            shards = _shards_from_table(table)
+        else:
+            import tensorflow_datasets as tfds
+
+            try:
+                split = tfds.builder_from_directory(str(cache_dir / dataset)).info.splits[SPLIT]
+                lengths = [int(n) for n in split.shard_lengths]
+                starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()
+                shards = [(f"{dataset}/{f}", s, n) for f, s, n in zip(split.filenames, starts, lengths, strict=True)]
+            except Exception as e:  # TFDS raises several types for a missing or damaged dataset_info.json
+                problems[f"{dataset}/dataset_info.json"] = f"unreadable ({str(e).splitlines()[0] if str(e) else e!r})"
+                shards = []
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{cache_dir / CACHE_JSON}: malformed ({e!r}); run with --force to rebuild the cache") from None
+    intact = np.zeros(len(items), bool)
+    ends = [first + count for _, first, count in shards]
+    if [first for _, first, _ in shards] != [0, *ends[:-1]] or (ends[-1] if ends else 0) != len(items):
+        problems.setdefault(dataset, f"its shards do not hold the {len(items)} records cache.json lists")
+        shards = []
+    for name, first, count in shards:
+        if isinstance(table, dict) and name not in problems:
+            intact[first : first + count] = True  # the checksum matches
+            continue
+        lost = 0
+        with CacheShard(cache_dir / name, shapes) as shard:
+            if len(shard) != count:
+                problems.setdefault(name, f"{len(shard)} readable records, {count} expected")
+                continue
+            for j in range(count):
+                it = items[first + j]
+                try:
+                    r = shard.read(j)
+                    same = _text(r["source"]) == it.key and (int(r["bucket"]), int(r["group"]), bool(r["flipped"])) == (
+                        it.bucket,
+                        it.group,
+                        it.flipped,
+                    )
+                except ValueError:
+                    same = False
+                if same:
+                    intact[first + j] = True
+                else:
+                    lost += 1
+        if lost:
+            problems.setdefault(name, f"{lost} of its {count} records do not read back intact")
+    return problems, _Kept(cache_dir, shapes, shards, intact, dataset)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _dataset_files(cache_dir: Path, dataset: Path, shards: Sequence[tuple[str, int, int]]) -> dict[str, Any]:
+    names = [p.relative_to(cache_dir).as_posix() for p in sorted(dataset.rglob("*")) if p.is_file()]
+    return file_table(cache_dir, [*names, EMPTY_CAPTION], {name: (first, n) for name, first, n in shards})
+
+
+def _record_files(cache_dir: Path, info: dict[str, Any], kept: _Kept, source_digest: str) -> None:
+    """Give an older, verified cache its file table and source fingerprint (cache.json rewritten atomically)."""
+    info = {**info, "source_digest": source_digest}
+    info["files"] = _dataset_files(cache_dir, cache_dir / kept.dataset, kept.shards)
+    with atomic_file(cache_dir / CACHE_JSON) as tmp:
+        tmp.write_text(json.dumps(info) + "\n")
+    log.info("cache %s: verified every record and recorded its file checksums in %s", cache_dir, CACHE_JSON)
 
 
 def _open_work_dir(work: Path, fingerprint: str, settings: dict[str, Any], process: int) -> None:
@@ -408,6 +671,14 @@ def _check_finite(out: dict[str, np.ndarray], names: Sequence[str], rows: Sequen
             )
 
 
+def _num_shards(items: Sequence[WorkItem], spec: BucketSpec, shapes: dict[str, int]) -> int:
+    """Shards of about `SHARD_BYTES`, from the records' sizes (bf16 latents and T5 states, fp32 CLIP)."""
+    buckets = spec.all_buckets
+    text = 2 * shapes["t5_length"] * shapes["t5_dim"] + 4 * shapes["clip_dim"] + 64  # + the small fields
+    total = sum(2 * shapes["latent_dim"] * math.prod(buckets[it.bucket].tokens) + text for it in items)
+    return max(1, min(len(items), -(-total // SHARD_BYTES)))
+
+
 def _finalize(
     cache_dir: Path,
     items: Sequence[WorkItem],
@@ -419,12 +690,17 @@ def _finalize(
     empty: dict[str, np.ndarray],
     encoders: Any,
     description: str,
+    source_digest: str,
+    kept: _Kept | None = None,
 ) -> None:
+    """Write the dataset from the chunks (and, in a repair, the intact records of the damaged one), the report,
+    the empty caption and cache.json with the file table; then drop the chunks and the old dataset."""
     from flux_jax.data.tfds_builders import write_latent_cache
 
     work = cache_dir / WORK_DIR
     where = _done_items(work)
-    missing = [it.key for it in items if it.id not in where]
+    intact = kept.intact if kept is not None else np.zeros(len(items), bool)
+    missing = [it.key for it, keep in zip(items, intact, strict=True) if it.id not in where and not keep]
     if missing:
         raise DataError(f"{cache_dir}: examples were not encoded: {', '.join(missing[:5])}")
     buckets = spec.all_buckets
@@ -436,19 +712,24 @@ def _finalize(
     }
     files: dict[Path, SafetensorsFile] = {}
 
+    def tensors(index: int, it: WorkItem) -> dict[str, np.ndarray]:
+        if it.id not in where:
+            assert kept is not None
+            r = kept.read(index)
+            return {name: r[name] for name in ("latents", "t5", "clip")}
+        chunk, row = where[it.id]
+        if chunk not in files:
+            if len(files) >= 64:  # bound the open files: records follow source order, chunks bucket order
+                files.pop(next(iter(files))).close()
+            files[chunk] = SafetensorsFile(chunk)
+        f = files[chunk]
+        return {name: np.asarray(f.array(name)[row]) for name in ("latents", "t5", "clip")}
+
     def examples() -> Iterator[dict[str, Any]]:
-        for it in items:
-            chunk, row = where[it.id]
-            if chunk not in files:
-                if len(files) >= 64:  # bound the open files: records follow source order, chunks bucket order
-                    files.pop(next(iter(files))).close()
-                files[chunk] = SafetensorsFile(chunk)
-            f = files[chunk]
+        for index, it in enumerate(items):
             gh, gw = buckets[it.bucket].tokens
             yield {
-                "latents": np.asarray(f.array("latents")[row]),
-                "t5": np.asarray(f.array("t5")[row]),
-                "clip": np.asarray(f.array("clip")[row]),
+                **tensors(index, it),
                 "height": gh,
                 "width": gw,
                 "bucket": it.bucket,
@@ -459,22 +740,36 @@ def _finalize(
                 "source": it.key,
             }
 
-    shutil.rmtree(cache_dir / TFDS_DIR, ignore_errors=True)  # a dataset from a finalize that died before cache.json
+    # A repair writes beside the dataset it reads from; otherwise any dataset here is from a finalize that died
+    # before cache.json.
+    old_root = kept.dataset.split("/")[0] if kept is not None else None
+    root = REPAIR_DIR if old_root == TFDS_DIR else TFDS_DIR
+    for name in (TFDS_DIR, REPAIR_DIR):
+        if name != old_root:
+            shutil.rmtree(cache_dir / name, ignore_errors=True)
     try:
-        dataset = write_latent_cache(cache_dir / TFDS_DIR, shapes, examples)
+        dataset, shards = write_latent_cache(
+            cache_dir / root, shapes, examples, num_shards=_num_shards(items, spec, shapes)
+        )
     finally:
         for f in files.values():
             f.close()
+        if kept is not None:
+            kept.close()
     save_file(cache_dir / EMPTY_CAPTION, {"t5": empty["t5"][0], "clip": empty["clip"][0]})
     with atomic_file(cache_dir / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
+    starts = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]]).astype(int).tolist()
+    rel = dataset.relative_to(cache_dir).as_posix()
+    shard_table = [(f"{rel}/{name}", first, n) for (name, n), first in zip(shards, starts, strict=True)]
     info = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "fingerprint": fingerprint,
         "items_digest": digest,
         "source": description,
-        "dataset": dataset.relative_to(cache_dir).as_posix(),
+        "source_digest": source_digest,
+        "dataset": rel,
         "num_records": len(items),
         "buckets": [[b.width, b.height] for b in buckets],
         "shapes": shapes,
@@ -484,7 +779,10 @@ def _finalize(
             "repeats": [it.repeats for it in items],
         },
         "settings": settings,
+        "files": _dataset_files(cache_dir, dataset, shard_table),
     }
     with atomic_file(cache_dir / CACHE_JSON) as tmp:
         tmp.write_text(json.dumps(info) + "\n")
+    if old_root is not None and old_root != root:
+        shutil.rmtree(cache_dir / old_root, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,8 @@
-"""Reading a complete latent cache (written by `cache.build_cache`): the records and their index."""
+"""Reading a complete latent cache (written by `cache.build_cache`): the records and their index.
+
+Opening checks every file against cache.json's file table (`cache_files`: sizes, then CRC-32s) and refuses a
+damaged cache with one line naming the file; `flux-jax cache` repairs it. A cache written before file tables
+existed is refused until `flux-jax cache` has verified it and recorded its table (nothing is re-encoded)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import numpy as np
 
 from flux_jax.data.buckets import Bucket
 from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
+from flux_jax.data.cache_files import check_files
 from flux_jax.data.examples import BatchShape, Example
 from flux_jax.errors import DataError
 from flux_jax.weights.safetensors_file import SafetensorsFile
@@ -33,6 +38,8 @@ class LatentCacheReader:
             raise DataError(f"{self.path}: no complete cache here ({CACHE_JSON} missing); run `flux-jax cache` first")
         try:
             info = json.loads(marker.read_text())
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
             if info.get("format") != CACHE_FORMAT or info.get("version") != CACHE_VERSION:
                 raise DataError(f"{marker}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache")
             self.buckets = tuple(Bucket(int(w), int(h)) for w, h in info["buckets"])
@@ -43,23 +50,57 @@ class LatentCacheReader:
             self.fingerprint = str(info["fingerprint"]) + "-" + str(info["items_digest"])
             self.shapes = dict(info["shapes"])
             dataset_dir = self.path / info["dataset"]
-        except (KeyError, TypeError, ValueError) as e:
+            n = int(info["num_records"])
+            table = info.get("files")
+            if table is not None and not (
+                isinstance(table, dict)
+                and all(isinstance(e, dict) and {"size", "crc32"} <= e.keys() for e in table.values())
+            ):
+                raise ValueError("the file table is not a mapping of file -> size and CRC-32")
+        except (KeyError, TypeError, ValueError, OSError) as e:
             raise DataError(f"{marker}: malformed ({e!r})") from None
-        n = int(info["num_records"])
         if not (len(self.record_bucket) == len(self.record_group) == len(self.record_repeats) == n):
             raise DataError(f"{marker}: the record index does not have {n} entries")
-        self.data = tfds.builder_from_directory(str(dataset_dir)).as_data_source("train")
+        if table is None:
+            raise DataError(
+                f"{marker}: written by an older flux-jax, without file checksums; run `flux-jax cache` with this "
+                "config once to verify the cache and record them (nothing is encoded again)"
+            )
+        problems = check_files(self.path, table)
+        if problems:
+            name, problem = next(iter(problems.items()))
+            more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+            raise DataError(
+                f"{self.path / name}: {problem}{more}; the cache is damaged: run `flux-jax cache` with this config "
+                "again to encode what was lost"
+            )
+        self.info = info
+        try:
+            self.data = tfds.builder_from_directory(str(dataset_dir)).as_data_source("train")
+            with SafetensorsFile(self.path / EMPTY_CAPTION) as f:
+                self.empty_t5 = np.array(f.array("t5"))
+                self.empty_clip = np.array(f.array("clip"))
+        except Exception as e:  # intact files that still do not open: TFDS and safetensors errors of any type
+            raise DataError(f"{dataset_dir}: cannot open the cache ({_first_line(e)})") from None
         if len(self.data) != n:
             raise DataError(f"{dataset_dir}: {len(self.data)} records, {marker} says {n}")
-        with SafetensorsFile(self.path / EMPTY_CAPTION) as f:
-            self.empty_t5 = np.array(f.array("t5"))
-            self.empty_clip = np.array(f.array("clip"))
 
     def __len__(self) -> int:
         return len(self.record_bucket)
 
     def read_many(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        return list(self.data.__getitems__([int(i) for i in indices]))
+        indices = [int(i) for i in indices]
+        try:
+            return list(self.data.__getitems__(indices))
+        except RuntimeError as e:  # Riegeli: a file damaged after the cache was opened
+            raise self._unreadable(indices, e) from None
+
+    def _unreadable(self, indices: Sequence[int], e: Exception) -> DataError:
+        shown = ", ".join(map(str, indices[:5])) + (", ..." if len(indices) > 5 else "")
+        return DataError(
+            f"{self.path}: records {shown} do not read back ({_first_line(e)}); the cache is damaged: run "
+            "`flux-jax cache` with this config again to encode what was lost"
+        )
 
     def batch_shape(self, index: int) -> BatchShape:
         """(token height, token width, text length): what groups records into batches."""
@@ -67,9 +108,17 @@ class LatentCacheReader:
         return BatchShape(gh, gw, int(self.shapes["t5_length"]))
 
     def read(self, index: int) -> Example:
-        r = self.data[int(index)]
+        try:
+            r = self.data[int(index)]
+        except RuntimeError as e:
+            raise self._unreadable([int(index)], e) from None
         caption = r["caption"].decode("utf-8") if isinstance(r["caption"], bytes) else str(r["caption"])
         return Example(r["latents"], r["t5"], r["clip"], int(r["height"]), int(r["width"]), caption)
 
     def describe(self) -> str:
         return f"latent cache {self.path} ({len(self)} records, buckets {', '.join(map(str, self.buckets))})"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

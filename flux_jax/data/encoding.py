@@ -75,10 +75,9 @@ def resolve_encoder_paths(cfg: Any, demo_dir: Path) -> tuple[EncoderPaths, str |
 
     enc = cfg.encoders
     given = {name: getattr(enc, name) for name in ROOT_LAYOUT}
-    if not enc.root and not any(given.values()):
-        dims = _demo_dims(cfg.model.preset)
-        root = build_demo_encoders(demo_dir, seed=enc.demo_seed, dims=dims)
-        stamp = f"demo-seed{enc.demo_seed}-{dims.t5_dim}x{dims.clip_dim}"
+    stamp = demo_stamp(cfg)
+    if stamp is not None:
+        root = build_demo_encoders(demo_dir, seed=enc.demo_seed, dims=_demo_dims(cfg.model.preset))
     elif enc.root:
         root, stamp = Path(enc.root), None
     else:
@@ -91,6 +90,16 @@ def resolve_encoder_paths(cfg: Any, demo_dir: Path) -> tuple[EncoderPaths, str |
         if not path.exists():
             raise CheckpointError(f"encoders.{name}: {path} does not exist")
     return EncoderPaths(**paths), stamp
+
+
+def demo_stamp(cfg: Any) -> str | None:
+    """What the cache fingerprint records for the generated demo encoders (used when none are configured), or
+    None when encoders are configured. Generates nothing."""
+    enc = cfg.encoders
+    if enc.root or any(getattr(enc, name) for name in ROOT_LAYOUT):
+        return None
+    dims = _demo_dims(cfg.model.preset)
+    return f"demo-seed{enc.demo_seed}-{dims.t5_dim}x{dims.clip_dim}"
 
 
 def _demo_dims(preset: str | None) -> Any:

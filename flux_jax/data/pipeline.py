@@ -28,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from flux_jax.data.cache import resolve_cache_dir
+from flux_jax.data.cache import check_built_from, resolve_cache_dir
 from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.errors import DataError
 from flux_jax.model.latents import image_ids
@@ -236,8 +236,11 @@ class TrainIterator:
 
 
 def make_train_iterator(cfg: Any, *, process_index: int, process_count: int, batch_size_per_host: int) -> TrainIterator:
-    """The iterator over ``cfg``'s latent cache (`resolve_cache_dir`); run `flux-jax cache` first."""
-    cache = LatentCacheReader(resolve_cache_dir(cfg))
+    """The iterator over ``cfg``'s latent cache (`resolve_cache_dir`); run `flux-jax cache` first. Refuses a
+    damaged cache (`LatentCacheReader`) and one built from other data or settings (`cache.check_built_from`)."""
+    cache_dir = resolve_cache_dir(cfg)
+    cache = LatentCacheReader(cache_dir)
+    check_built_from(cfg, cache_dir, cache.info)
     return TrainIterator(
         cache,
         global_batch=batch_size_per_host * process_count,

@@ -10,19 +10,25 @@ Folder layout (sorted, hidden files ignored, searched recursively):
   photos/10_dog/a.png + photos/10_dog/a.txt  kohya: a top-level ``N_name`` folder repeats its images N times
   photos/metadata.jsonl                      {"file_name": "cat.jpg", "text": "..."} per line (``caption_key``);
   photos/metadata.csv                        or a CSV with those columns. Entries apply to files relative to
-                                             the metadata file's folder and win over caption files.
+                                             the metadata file's folder and win over caption files; a
+                                             ``file_name`` that is absolute or climbs out of that folder
+                                             (``..``) is an error naming the line.
+
+`Source.fingerprint` is a digest of what a source holds that needs no image decoding (names, sizes, captions):
+the cache records it, and the trainer refuses a cache whose data is not the configured ``data.path``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +61,10 @@ class Source(Protocol):
     def key(self, index: int) -> str: ...
 
     def describe(self) -> str: ...
+
+    def fingerprint(self) -> str:
+        """A digest of the examples' names, sizes and captions (no image decoding): equal for the same data."""
+        ...
 
     @property
     def problems(self) -> list[tuple[str, str, str]]:
@@ -151,6 +161,11 @@ class FolderSource:
                         )
                     )
                     continue
+                if _escapes(file_name):
+                    raise DataError(
+                        f"{path}:{line}: {FILE_COLUMN} {file_name!r} is absolute or leaves the folder; a metadata "
+                        f"file names images by their path relative to its own folder ({folder}), never outside it"
+                    )
                 key = (folder / file_name).relative_to(self.root).as_posix()
                 if key in out:
                     self._problems.append((BAD_METADATA, f"{where}:{line}", f"{file_name} is listed twice; first kept"))
@@ -207,6 +222,35 @@ class FolderSource:
     def describe(self) -> str:
         return f"folder {self.root} ({len(self)} images)"
 
+    def fingerprint(self) -> str:
+        """Each image's key, size and repeats and its caption (the metadata text or the caption file's bytes)."""
+        h = hashlib.sha256(b"folder\0")
+        for entry in self.entries:
+            try:
+                size = entry.path.stat().st_size
+            except OSError:
+                size = -1
+            kind, value = entry.caption
+            if kind == "file":
+                try:
+                    caption = b"f" + value.read_bytes()
+                except FileNotFoundError:
+                    caption = b"-"
+                except OSError:
+                    caption = b"!"
+            else:
+                caption = b"-" if value is None else b"t" + value.encode("utf-8", "surrogateescape")
+            head = json.dumps([entry.key, size, entry.repeats]).encode("utf-8", "surrogateescape")
+            for part in (head, caption):
+                h.update(len(part).to_bytes(8, "little") + part)
+        return h.hexdigest()[:32]
+
+
+def _escapes(file_name: str) -> bool:
+    """Whether a metadata ``file_name`` is absolute (POSIX or Windows style) or has a ``..`` component."""
+    posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
+    return posix.is_absolute() or bool(windows.drive or windows.root) or ".." in posix.parts or ".." in windows.parts
+
 
 # --------------------------------------------------------------------------------------------------
 # TFDS
@@ -254,6 +298,16 @@ class TfdsSource:
             {image_key: tfds.decode.SkipDecoding()} if isinstance(features[image_key], tfds.features.Image) else None
         )
         self.name = builder.name
+        self._identity = [
+            builder.name,
+            str(builder.version),
+            split,
+            image_key,
+            caption_key,
+            int(builder.info.splits[split].num_examples),
+            int(builder.info.splits[split].num_bytes),
+            [int(n) for n in builder.info.splits[split].shard_lengths],
+        ]
         self.split = split
         self.image_key = image_key
         self.caption_key = caption_key
@@ -283,6 +337,10 @@ class TfdsSource:
 
     def describe(self) -> str:
         return f"TFDS {self.name} split {self.split} ({len(self)} examples)"
+
+    def fingerprint(self) -> str:
+        """Name, version, split, feature keys, example count, bytes and shard lengths from the dataset's info."""
+        return hashlib.sha256(json.dumps(["tfds", *self._identity]).encode()).hexdigest()[:32]
 
 
 def _text(value: bytes | str) -> str:

@@ -5,15 +5,19 @@
   whether there was one, the file name and the kohya repeat count.
 - `LatentCache` is the output of `flux-jax cache`: one record per encoded example (see `cache.py`).
 
-Both keep records in generation order (``disable_shuffling``), so record ``i`` is the ``i``-th example given.
-TFDS prepares into an ``incomplete.*`` directory and renames it into place at the end, so a dataset directory
-either holds every record or does not exist. Read them back with ``tfds.builder_from_directory`` (no class or
-constructor argument needed) or `sources.TfdsSource`.
+Both keep records in generation order (``disable_shuffling``), so record ``i`` is the ``i``-th example given,
+and shard ``k`` holds a contiguous run of records. TFDS prepares into an ``incomplete.*`` directory and renames it
+into place at the end, so a dataset directory either holds every record or does not exist. Read them back with
+``tfds.builder_from_directory`` (no class or constructor argument needed) or `sources.TfdsSource`;
+`CacheShard` reads one shard of the cache record by record without the dataset's metadata files (what a
+repair of a damaged cache salvages). Preparing prints nothing: TFDS's "Downloading and preparing dataset"
+and "downloaded and prepared" lines go to the debug log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,12 +28,26 @@ import tensorflow_datasets as tfds
 from flux_jax.data.images import BadExample
 from flux_jax.data.sources import FolderSource
 
+log = logging.getLogger(__name__)
+
 FOLDER_BUILDER = "flux_jax_folder_images"
 CACHE_BUILDER = "flux_jax_latent_cache"
 SPLIT = "train"
 
 
-class FolderImages(tfds.core.GeneratorBasedBuilder):
+class _QuietPrepare:
+    """TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared to ...
+    Subsequent calls will reuse this data." to stdout around every `download_and_prepare`; for our builders
+    nothing is downloaded and the caller reports what it wrote, so both go to the debug log. Errors still raise."""
+
+    def _log_download_bytes(self) -> None:
+        log.debug("preparing TFDS dataset %s in %s", self.name, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        log.debug("prepared TFDS dataset %s in %s", self.name, self.data_dir)
+
+
+class FolderImages(_QuietPrepare, tfds.core.GeneratorBasedBuilder):
     """A folder of images and captions as a TFDS dataset (features: image, text, has_text, source, repeats)."""
 
     name = FOLDER_BUILDER
@@ -106,7 +124,7 @@ def build_folder_dataset(
     return Path(builder.data_path)
 
 
-class LatentCache(tfds.core.GeneratorBasedBuilder):
+class LatentCache(_QuietPrepare, tfds.core.GeneratorBasedBuilder):
     """Encoded examples: packed latents, T5 states, CLIP pooled vector, bucket and provenance per record."""
 
     name = CACHE_BUILDER
@@ -126,28 +144,10 @@ class LatentCache(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        s = self._shapes
-        bf16 = tfds.features.Encoding.BYTES  # raw little-endian bytes: TFDS has no bfloat16 proto type
         return tfds.core.DatasetInfo(
             builder=self,
             description="Flux training examples encoded by `flux-jax cache` (see flux_jax/data/cache.py).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "latents": tfds.features.Tensor(shape=(None, s.get("latent_dim")), dtype=_bf16(), encoding=bf16),
-                    "t5": tfds.features.Tensor(
-                        shape=(s.get("t5_length"), s.get("t5_dim")), dtype=_bf16(), encoding=bf16
-                    ),
-                    "clip": tfds.features.Tensor(shape=(s.get("clip_dim"),), dtype=np.float32, encoding=bf16),
-                    "height": np.int32,
-                    "width": np.int32,
-                    "bucket": np.int32,
-                    "group": np.int32,
-                    "repeats": np.int32,
-                    "flipped": np.bool_,
-                    "caption": tfds.features.Text(),
-                    "source": tfds.features.Text(),
-                }
-            ),
+            features=latent_cache_features(self._shapes),
             disable_shuffling=True,
         )
 
@@ -160,18 +160,82 @@ class LatentCache(tfds.core.GeneratorBasedBuilder):
         yield from enumerate(self._examples())
 
 
+def latent_cache_features(shapes: Mapping[str, int]) -> tfds.features.FeaturesDict:
+    """The cache's record features for the given dims (``latent_dim``, ``t5_length``, ``t5_dim``, ``clip_dim``)."""
+    s = dict(shapes)
+    bf16 = tfds.features.Encoding.BYTES  # raw little-endian bytes: TFDS has no bfloat16 proto type
+    return tfds.features.FeaturesDict(
+        {
+            "latents": tfds.features.Tensor(shape=(None, s.get("latent_dim")), dtype=_bf16(), encoding=bf16),
+            "t5": tfds.features.Tensor(shape=(s.get("t5_length"), s.get("t5_dim")), dtype=_bf16(), encoding=bf16),
+            "clip": tfds.features.Tensor(shape=(s.get("clip_dim"),), dtype=np.float32, encoding=bf16),
+            "height": np.int32,
+            "width": np.int32,
+            "bucket": np.int32,
+            "group": np.int32,
+            "repeats": np.int32,
+            "flipped": np.bool_,
+            "caption": tfds.features.Text(),
+            "source": tfds.features.Text(),
+        }
+    )
+
+
 def _bf16() -> Any:
     import ml_dtypes
 
     return ml_dtypes.bfloat16
 
 
-def write_latent_cache(data_dir: Path, shapes: Mapping[str, int], examples: Callable[[], Iterable[dict]]) -> Path:
-    """Write the cache dataset under ``data_dir`` (which must not hold one yet); returns its directory."""
+def write_latent_cache(
+    data_dir: Path, shapes: Mapping[str, int], examples: Callable[[], Iterable[dict]], *, num_shards: int | None = None
+) -> tuple[Path, list[tuple[str, int]]]:
+    """Write the cache dataset under ``data_dir`` (which must not hold one yet) in ``num_shards`` shards of equal
+    record counts (None: TFDS's choice); returns its directory and its shards in record order, as (file name,
+    number of records)."""
     builder = LatentCache(shapes=shapes, examples=examples, data_dir=str(data_dir), file_format="array_record")
+    # (DownloadConfig's min/max shard sizes do not reach TFDS's shard count rule in 4.9; a count does.)
     with _quiet():
-        builder.download_and_prepare()
-    return Path(builder.data_path)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    split = builder.info.splits[SPLIT]
+    return Path(builder.data_path), list(zip(split.filenames, map(int, split.shard_lengths), strict=True))
+
+
+class CacheShard:
+    """One array_record shard of the cache's dataset, read record by record (no TFDS metadata needed).
+
+    ``len`` is the number of records the file's index lists: 0 when the file is missing or its index (at the
+    end) is cut off. `read` raises `ValueError` for a record that does not read back intact (Riegeli checks a
+    hash per record)."""
+
+    def __init__(self, path: Path, shapes: Mapping[str, int]):
+        from array_record.python import array_record_module
+
+        self.path = path
+        self._features = latent_cache_features(shapes)
+        self._reader = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
+
+    def __len__(self) -> int:
+        return int(self._reader.num_records()) if self._reader.ok() else 0
+
+    def read(self, index: int) -> dict[str, Any]:
+        if not self._reader.ok():
+            raise ValueError(f"{self.path.name}: not readable")
+        try:
+            (serialized,) = self._reader.read([int(index)])
+            return self._features.deserialize_example_np(serialized)
+        except Exception as e:  # Riegeli raises RuntimeError; a damaged record can fail in decoding too
+            raise ValueError(f"{self.path.name} record {index}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+    def close(self) -> None:
+        if self._reader.ok():  # closing a reader that failed to open re-raises its error
+            self._reader.close()
+
+    def __enter__(self) -> CacheShard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -22,6 +23,21 @@ if TYPE_CHECKING:
 
 # transformers is imported inside the functions: it takes seconds to import, and importing
 # `flux_jax.encoders` for the VAE or the text models should not pay for it.
+
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found. Models won't be available ..." warning: the
+    tokenizers are all flux-jax takes from transformers, and they need no PyTorch. Nothing else is filtered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found.")
+
+
+# The filter goes on transformers' library logger (the one that warning is logged on) before transformers is first
+# imported; installed once per process.
+_transformers_logger = logging.getLogger("transformers")
+if not any(isinstance(f, _NoTorchAdvice) for f in _transformers_logger.filters):
+    _transformers_logger.addFilter(_NoTorchAdvice())
 
 T5_MAX_LENGTH = 512  # FLUX.1-dev and diffusers' default; BFL uses 256 for schnell
 CLIP_MAX_LENGTH = 77

@@ -209,6 +209,7 @@ class Checkpointer:
         self.items = ("lora", "train", "data", "meta") + (("ema",) if ema else ())
         self._pending: int | None = None  # the step of a save that may still be in flight
         self._failed = False  # a save failed and was reported: later waits stay quiet
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             save_interval_steps=0 if read_only else 1,
@@ -318,8 +319,12 @@ class Checkpointer:
         self._pending = None
 
     def close(self) -> None:
-        """Wait for a save in flight, then release orbax's threads (its metadata writers shut down with it)."""
+        """Wait for a save in flight, then release orbax's threads (its metadata writers shut down with it).
+        Idempotent."""
+        if self._closed:
+            return
         self.wait()
+        self._closed = True
         try:
             self.manager.close()
         except Exception:

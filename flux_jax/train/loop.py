@@ -113,6 +113,7 @@ class Trainer:
         self.mesh = step.mesh
         self.peak = peak_flops(self.mesh.devices.flat[0], peak_tflops)
         self._bar: tqdm | None = None
+        self._closed = False
         self._last_time: float | None = None
         self.last_loss: float | None = None
 
@@ -133,6 +134,9 @@ class Trainer:
         """Let a save in flight finish (after a NaN or a crash it is the last good checkpoint), close the
         checkpointer and the metrics, then release the run directory's lease: in that order, so that nothing is
         written after the lease is gone and orbax's writers are not shut down under a save. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.checkpointer.close()
         finally:

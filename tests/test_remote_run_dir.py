@@ -1,4 +1,5 @@
-"""A run directory in a bucket: `output_dir=gs://...` trains, checkpoints, resumes and exports through GCS.
+"""A run directory in a bucket: `output_dir=gs://...` trains, checkpoints, resumes and exports through GCS, and has
+one owner at a time (its lease object is created only if absent, through GCS's generation preconditions).
 
 No network here, so the bucket is an in-memory GCS JSON API on localhost (tests/helpers/fake_gcs.py); orbax's
 tensorstore (TENSORSTORE_GCS_HTTP_URL) and epath's gcsfs backend (STORAGE_EMULATOR_HOST) both talk to it. The code
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -72,10 +74,13 @@ def env(gcs, tmp_path_factory) -> dict[str, str]:
     )
 
 
+def train_command(out: str, steps: int) -> list[str]:
+    return [sys.executable, "-m", "flux_jax.cli", "train", "--config", str(TINY), f"output_dir={out}",
+            f"train.steps={steps}", *ARGS]  # fmt: skip
+
+
 def train(out: str, steps: int, env: dict[str, str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flux_jax.cli", "train", "--config", str(TINY), f"output_dir={out}",
-           f"train.steps={steps}", *ARGS]  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_command(out, steps), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -104,9 +109,16 @@ def read_run(run: str, env: dict[str, str]) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_a_gs_run_dir_trains_resumes_and_exports_like_a_local_one(tmp_path, env):
-    train(str(tmp_path / "local"), 6, env)
-    local = read_run(str(tmp_path / "local"), env)
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, env) -> tuple[Path, dict]:
+    """6 steps in a local run directory: what every gs:// run here must reproduce."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    train(str(out), 6, env)
+    return out, read_run(str(out), env)
+
+
+def test_a_gs_run_dir_trains_resumes_and_exports_like_a_local_one(tmp_path, env, local_run):
+    local_dir, local = local_run
 
     run = f"gs://{BUCKET}/runs/tiny"
     train(run, 4, env)
@@ -129,7 +141,7 @@ def test_a_gs_run_dir_trains_resumes_and_exports_like_a_local_one(tmp_path, env)
         np.testing.assert_array_equal(np.asarray(got["lora"][k]), np.asarray(w), err_msg=k)  # bit-exact
 
     exported = {}
-    for name, src in (("gs", run), ("local", str(tmp_path / "local"))):
+    for name, src in (("gs", run), ("local", str(local_dir))):
         exported[name] = tmp_path / f"lora-{name}.safetensors"
         cmd = [sys.executable, "-m", "flux_jax.cli", "export", src, str(exported[name]), "--format", "kohya",
                "--dtype", "fp32"]  # fmt: skip
@@ -139,3 +151,43 @@ def test_a_gs_run_dir_trains_resumes_and_exports_like_a_local_one(tmp_path, env)
     assert want.keys() == have.keys()
     for k in want:
         np.testing.assert_array_equal(have[k], want[k], err_msg=k)
+
+
+def test_a_second_trainer_on_a_gs_run_dir_in_use_exits_2_naming_the_owner(env, local_run):
+    run = f"gs://{BUCKET}/runs/two-trainers"
+    first = subprocess.Popen(train_command(run, 6), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    log = []
+    for line in first.stderr:  # it holds the lease (in the bucket) before it builds the model
+        log.append(line)
+        if "building a random" in line:
+            break
+    else:
+        raise AssertionError(f"the first trainer exited ({first.wait()}): {''.join(log)[-3000:]}")
+    assert any("holds the run directory's lease" in line for line in log), "".join(log)
+    # Paused (alive, and not talking to the server while it builds the model): it cannot finish and release the
+    # lease while the second trainer starts.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        second = subprocess.run(train_command(run, 6), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        took = time.monotonic() - started
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    error = [line for line in second.stderr.splitlines() if line.startswith("flux-jax train:")]
+    assert len(error) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert error[0].startswith(
+        f"flux-jax train: error: {run} is in use by another trainer: host {socket.gethostname()} pid {first.pid} since "
+    ), error[0]
+    assert "building a random" not in second.stderr  # refused before anything was built
+    assert took < 60, took
+
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    got = read_run(run, env)
+    assert got["step"] == 6 and "lease.json" not in got["files"]  # released at the end
+    _, local = local_run
+    assert [(r["step"], r["loss"]) for r in got["metrics"]] == [(r["step"], r["loss"]) for r in local["metrics"]]
+    for k, w in local["lora"].items():
+        np.testing.assert_array_equal(np.asarray(got["lora"][k]), np.asarray(w), err_msg=k)  # as if it were alone

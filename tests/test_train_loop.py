@@ -1,12 +1,16 @@
 """The trainer on the tiny Flux over the 8 fake CPU devices: the loss falls, sharding changes nothing, one compile,
-NaN stops the run, resuming refuses a changed LoRA, and `read_lora_weights` gives export the trained adapters."""
+NaN (in the loss or in the updated parameters) stops the run, resuming refuses a changed LoRA or optimizer in one
+line, a run directory in use is refused before anything is built, and `read_lora_weights` gives export the trained
+adapters."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -20,14 +24,17 @@ from flux_jax.data.examples import BatchIterator, Example, collate, synthetic_ex
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.model.config import preset
 from flux_jax.run_config import from_dict, load_config
+from flux_jax.train import build
 from flux_jax.train.build import BASE_PARAMS
 from flux_jax.train.checkpointing import read_lora_weights
+from flux_jax.train.lease import RunDirBusyError
 from flux_jax.train.loop import TrainingDivergedError, setup, train
 from flux_jax.train.lora_sources import export_lora
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.step import eval_loss
 from tests.helpers.compile_cache import persistent_compile_cache
+from tests.helpers.leases import a_dead_pid, live_owner, write_owner
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FAST = ["log.tensorboard=false", "checkpoint.async_save=false"]
@@ -229,3 +236,78 @@ def test_trains_a_loaded_base(tmp_path):
     assert not np.allclose(np.asarray(result.state.lora["single_blocks.linear2.lora.lora_b"]), 0)
     _, meta = read_lora_weights(tmp_path / "run")
     assert meta["base"] == str(tmp_path / "base") and meta["base_config"]["hidden_size"] == 64
+
+
+def test_a_run_dir_in_use_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(build, "build_model", no_build)
+    with live_owner(tmp_path) as owner, pytest.raises(RunDirBusyError) as e:
+        setup(config(tmp_path), progress=False)
+    assert f"{tmp_path} is in use by another trainer: host {owner.host} pid {owner.pid} since " in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lease.json"]  # nothing else touched
+
+
+def test_a_stale_lease_is_taken_over_with_a_warning_and_released_at_the_end(tmp_path, caplog):
+    write_owner(tmp_path, pid=a_dead_pid(), heartbeat=time.time() - 3600)
+    cfg = config(tmp_path, "mesh.data=1", "train.steps=1")
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg, devices=jax.devices()[:1], progress=False)
+    assert "taking over the lease of a trainer that is no longer running" in caplog.text
+    assert result.step == 1 and not (tmp_path / "lease.json").exists()
+
+
+def test_non_finite_parameters_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+    """A huge learning rate makes the update itself overflow: the loss of that step is still finite (it is computed
+    before the update), so only a check of the new parameters keeps the NaN LoRA from being saved as "good"."""
+    run = tmp_path / "run"
+    common = [*FAST, "mesh.data=1", "checkpoint.every=1", "checkpoint.keep=5"]
+    train(load_config(TINY, [f"output_dir={run}", *common, "train.steps=2"]), devices=jax.devices()[:1],
+          progress=False)  # fmt: skip
+    cfg = load_config(TINY, [f"output_dir={run}", *common, "train.steps=4", "optim.lr=1.0e+39"])
+    with pytest.raises(TrainingDivergedError, match=r"the LoRA parameters are not finite \(NaN/Inf\) after the update "
+                                                    r"of step 3 .*Last good checkpoint: step 2"):  # fmt: skip
+        train(cfg, devices=jax.devices()[:1], progress=False)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [1, 2]
+    model, meta = read_lora_weights(run)
+    assert meta["step"] == 2
+    assert all(np.isfinite(np.asarray(v)).all() for v in flat_params(split_trainable(model)[1]).values())
+
+
+def test_changing_the_optimizer_on_resume_is_one_clear_line(single_device_run):
+    run_dir, _ = single_device_run
+    cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST, "train.steps=3", "mesh.data=1", "optim.name=lion"])
+    with pytest.raises(CheckpointError) as e:
+        setup(cfg, devices=jax.devices()[:1], progress=False)
+    message = str(e.value)
+    assert "\n" not in message and "partial_restore" not in message
+    assert f"{run_dir / 'checkpoints' / '3'}: cannot resume: the optimizer settings changed since this checkpoint " \
+           "(optim.name: checkpoint 'adamw', now 'lion')" in message  # fmt: skip
+
+
+def test_exporting_a_run_logs_no_read_only_notice(single_device_run, caplog):
+    run_dir, _ = single_device_run
+    with caplog.at_level(logging.INFO):
+        read_lora_weights(run_dir)
+    assert "read only" not in caplog.text
+
+
+def test_a_run_with_nothing_left_to_do_leaves_its_config_yaml_alone(single_device_run):
+    run_dir, _ = single_device_run
+    before = os.stat(run_dir / "config.yaml")
+    cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST, "train.steps=3", "mesh.data=1", "checkpoint.every=100"])
+    result = train(cfg, devices=jax.devices()[:1], progress=False)
+    assert result.step == 3 and result.checkpoint == run_dir.absolute() / "checkpoints" / "3"
+    after = os.stat(run_dir / "config.yaml")
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_no_checkpoints_directory_appears_before_the_base_is_checked(tmp_path):
+    run = tmp_path / "run"
+    (tmp_path / "not_a_base").mkdir()
+    cfg = config(run, "model.preset=null", f"model.base={tmp_path / 'not_a_base'}", "mesh.data=1")
+    with pytest.raises(FluxJaxError):
+        setup(cfg, devices=jax.devices()[:1], progress=False)
+    assert not (run / "checkpoints").exists()
+    assert not run.exists()  # not even the (empty) output_dir

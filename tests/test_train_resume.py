@@ -1,11 +1,14 @@
-"""Never lose work: `flux-jax train` killed with SIGKILL mid-run, or stopped with SIGTERM, resumes to the exact
-LoRA of an uninterrupted run (bit for bit on CPU), continuing at the right step and data position."""
+"""Never lose work: `flux-jax train` killed with SIGKILL mid-run, or stopped with SIGTERM or Ctrl-C, resumes to the
+exact LoRA of an uninterrupted run (bit for bit on CPU), continuing at the right step and data position; and a second
+trainer started on a run directory in use exits 2 naming the owner, before building anything, leaving the first
+one's run exactly as if it had been alone."""
 
 from __future__ import annotations
 
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +115,8 @@ def test_kill9_mid_run_then_resume_reproduces_the_uninterrupted_lora(tmp_path, e
     killed_at = max(r["step"] for r in records(out))
     assert killed_at < STEPS and STEPS not in checkpoint_steps(out)
     done = run(out, env)
+    # The killed trainer's lease is still there: its process is gone, so the new one takes it over.
+    assert "taking over the lease of a trainer that is no longer running" in done.stderr, done.stderr[-3000:]
     found = re.search(r"resuming from \S+ \(step (\d+)", done.stderr)
     assert found, done.stderr[-3000:]
     resumed_from = int(found.group(1))
@@ -140,3 +145,53 @@ def test_sigterm_saves_exits_zero_and_resume_continues_at_the_right_step_and_dat
     assert first_new["step"] == stopped + 1
     assert first_new["data_position"] == reference[1][stopped]["data_position"]
     assert_same_run(out, reference)
+
+
+def test_ctrl_c_saves_at_the_interrupted_step_and_resume_reproduces_the_uninterrupted_run(tmp_path, env, reference):
+    out = tmp_path / "run"
+    proc = start_and_wait(out, env, step=5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    found = re.search(r"stopped at step (\d+) on SIGINT; checkpoint saved to (\S+), exiting cleanly", stderr)
+    assert found, stderr[-3000:]
+    stopped = int(found.group(1))
+    assert 5 <= stopped < STEPS
+    where = out.absolute() / "checkpoints" / str(stopped)
+    assert found.group(2) == str(where) and f"LoRA checkpoint: {where}" in stdout
+    assert max(checkpoint_steps(out)) == stopped  # saved where it stopped, not at the last multiple of 4
+    assert records(out)[-1]["step"] == stopped
+    assert not (out / "lease.json").exists()  # a clean exit releases the run directory
+
+    done = run(out, env)
+    assert f"resuming from {where} (step {stopped}" in done.stderr
+    assert_same_run(out, reference)
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_exits_2_naming_the_owner(tmp_path, env, reference):
+    out = tmp_path / "run"
+    first = start_and_wait(out, env, step=2)
+    first.send_signal(signal.SIGSTOP)  # paused (still alive), so it cannot finish and release while the second starts
+    try:
+        started = time.monotonic()
+        second = subprocess.run(command(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        took = time.monotonic() - started
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    error = [line for line in second.stderr.splitlines() if line.startswith("flux-jax train:")]
+    assert len(error) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert re.fullmatch(
+        rf"flux-jax train: error: {re.escape(str(out.absolute()))} is in use by another trainer: "
+        rf"host {re.escape(socket.gethostname())} pid {first.pid} since \S+ \(last heartbeat \d+ s ago\); "
+        r"wait for it to finish or stop it, or use another output_dir",
+        error[0],
+    ), error[0]
+    assert "building a random" not in second.stderr and "resuming" not in second.stderr  # refused before building
+    assert took < 60, took  # the time to start Python and import the trainer, not to build or compile anything
+
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert f"finished at step {STEPS}" in stdout
+    assert_same_run(out, reference)  # the first run is exactly what it would have been alone
+    assert not (out / "lease.json").exists()

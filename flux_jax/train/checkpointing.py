@@ -10,13 +10,20 @@ Layout: ``<output_dir>/checkpoints/<step>/`` with the orbax items
 
 The base model is never saved. orbax writes each step into a temporary directory and renames it when every item
 is complete, so a run killed mid-save (even by SIGKILL) leaves the previous checkpoints intact and the partial
-one invisible; ``latest_step`` only ever names complete checkpoints.
+one invisible; ``latest_step`` only ever names complete checkpoints. ``checkpoints/`` itself appears with the
+first save, not before.
+
+A save that fails for want of space or permission (a full disk, a quota, a read-only mount) raises one
+``CheckpointError`` naming the step and the cause; the tracebacks orbax's background threads log and print for the
+same failure (and the teardown noise of their event loops) are kept off the console unless logging is at DEBUG.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -40,6 +47,100 @@ META_FORMAT = "flux_jax.lora_run"
 META_VERSION = 1
 # Settings that fix the shape or meaning of the saved state: a resumed run must not change them.
 RESUME_INVARIANTS = ("rank", "alpha", "targets", "blocks", "lora_dtype", "ema", "base_config")
+
+
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+# How the same causes read in tensorstore's messages (orbax's array writer), which are ValueErrors.
+_STORAGE_TEXTS = (
+    ("No space left on device", "no space left on device"),
+    ("os_error_code='28'", "no space left on device"),
+    ("Disk quota exceeded", "disk quota exceeded"),
+    ("Read-only file system", "the file system is read-only"),
+    ("Permission denied", "permission denied"),
+    ("PERMISSION_DENIED", "permission denied"),
+)
+# What orbax's asyncio loops and pending coroutines print when a save failed half-way or the process exits.
+_TEARDOWN_NOISE = ("Event loop is closed", "cannot schedule new futures after", "Python is likely shutting down")
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """ "no space left on device" (and the like) if ``error`` or an exception behind it is a storage failure."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[e.errno]
+        text = str(e)
+        for needle, reason in _STORAGE_TEXTS:
+            if needle in text:
+                return reason
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _is_noise(error: BaseException | None) -> bool:
+    if error is None:
+        return False
+    return storage_problem(error) is not None or any(n in str(error) for n in _TEARDOWN_NOISE)
+
+
+def _verbose() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's notice for every read-only manager and its (and asyncio's) error reports of a storage failure
+    that the Checkpointer reports itself in one line; everything passes at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _verbose():
+            return True
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Given directory is read only"):
+            return False
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and _is_noise(record.exc_info[1]):
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        return not any(n in message for n, _ in _STORAGE_TEXTS) and not any(n in message for n in _TEARDOWN_NOISE)
+
+
+_quiet_installed = False
+
+
+def _install_quiet_orbax() -> None:
+    """Once per process: the filter on the absl and asyncio loggers, and an unraisable-exception hook that drops the
+    same failures (tensorstore reports errors of its callbacks through ``sys.unraisablehook``)."""
+    global _quiet_installed
+    if _quiet_installed:
+        return
+    _quiet_installed = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_QuietOrbax())
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        try:
+            if _is_noise(unraisable.exc_value) and not _verbose():
+                return
+        except Exception:
+            pass
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def lora_settings(cfg: RunConfig) -> dict:
@@ -102,14 +203,18 @@ class Checkpointer:
         ema: bool = False,
         read_only: bool = False,
     ):
+        _install_quiet_orbax()
         self.directory = run_path(run_dir) / CHECKPOINT_DIR  # a local path or a bucket URL (gs://)
         self.ema = ema
         self.items = ("lora", "train", "data", "meta") + (("ema",) if ema else ())
+        self._pending: int | None = None  # the step of a save that may still be in flight
+        self._failed = False  # a save failed and was reported: later waits stay quiet
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
-            create=not read_only,
+            create=False,  # the first save creates the directory: nothing appears before the run can start
             read_only=read_only,
             # Leftovers of a save that was killed half-way are removed when the next run starts.
             cleanup_tmp_directories=not read_only,
@@ -138,8 +243,35 @@ class Checkpointer:
         }
         if self.ema:
             args["ema"] = ocp.args.StandardSave(state.ema)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self.wait()  # a failure of the previous (async) save surfaces here, named by its step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:
+            self._raise_storage_problem(e, step)
+            raise
+        self._pending = step
         return step
+
+    def _raise_storage_problem(self, error: BaseException, step: int | None) -> None:
+        """A ``CheckpointError`` (one line) if ``error`` is a storage failure; otherwise return (the caller
+        re-raises)."""
+        reason = storage_problem(error)
+        if reason is None:
+            return
+        self._failed = True
+        try:
+            self.manager.reload()
+            latest = self.manager.latest_step()
+        except Exception:
+            latest = None
+        kept = (
+            f"the earlier checkpoints are intact (latest: step {latest})"
+            if latest is not None
+            else "there is no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"{self.directory}: cannot write the checkpoint of step {step}: {reason}; {kept}"
+        ) from None
 
     def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict, dict]:
         """(state, data state, meta) of ``step``; ``target`` is an abstract TrainState with shardings."""
@@ -154,7 +286,8 @@ class Checkpointer:
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the training state: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the training state: {first}") from e
         train = got["train"]
         state = TrainState(
             step=train["step"],
@@ -175,10 +308,28 @@ class Checkpointer:
         return meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for a save in flight; a storage failure of it is a ``CheckpointError`` (raised once)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if self._failed:
+                return  # already reported
+            self._raise_storage_problem(e, self._pending)
+            raise
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for a save in flight, then release orbax's threads (its metadata writers shut down with it).
+        Idempotent."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
+        try:
+            self.manager.close()
+        except Exception:
+            if not self._failed:
+                raise
 
 
 def check_resume_compatible(saved: dict, current: dict, where: str) -> None:

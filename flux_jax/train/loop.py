@@ -1,14 +1,17 @@
 """The training loop: a ``Trainer`` composed of a compiled step, a data iterator, a checkpointer and a metrics writer.
 
-``setup(cfg)`` builds those pieces (and the initial or resumed state) from a ``RunConfig``; ``Trainer.run(state)``
-only loops: fetch a batch, run the step, log, check for NaN, save every N steps, stop cleanly on SIGTERM.
-``train(cfg)`` is both. Step metrics are read one step late, so the host dispatches step n+1 before it waits
-for step n and the device never idles on Python; a checkpoint is only written after the metrics of the step
-it holds were checked, so a NaN step is never saved.
+``setup(cfg)`` takes the run directory's lease (one trainer per ``output_dir``, see ``flux_jax.train.lease``) and
+builds those pieces (and the initial or resumed state) from a ``RunConfig``; ``Trainer.run(state)`` only loops:
+fetch a batch, run the step, log, check for NaN, save every N steps, stop cleanly on SIGTERM or Ctrl-C, then
+closes the checkpointer and releases the lease. ``train(cfg)`` is both. Step metrics are read one step late, so
+the host dispatches step n+1 before it waits for step n and the device never idles on Python; a checkpoint is only
+written after the metrics of the step it holds were checked (a finite loss and gradient norm, and finite LoRA
+parameters after the update), so a diverged step is never saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,7 +30,7 @@ from flux_jax.data.examples import (
     DataIterator,
 )
 from flux_jax.data.inputs import check_fits, needs_model, open_train_data
-from flux_jax.errors import ConfigError, FluxJaxError
+from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.hardware import peak_flops
 from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import RunConfig
@@ -35,6 +38,7 @@ from flux_jax.sharding import make_mesh, use_mesh
 from flux_jax.storage import is_remote, run_path, write_text
 from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
+from flux_jax.train.lease import RunDirBusyError, RunLease
 from flux_jax.train.lora_init import init_lora_from
 from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance
@@ -47,7 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(FluxJaxError):
-    """The loss (or gradient norm) became NaN/Inf; the run stopped and kept its last good checkpoint."""
+    """The loss, the gradient norm or the LoRA parameters became NaN/Inf; the run stopped and kept its last good
+    checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +64,12 @@ class TrainResult:
     checkpoint: epath.Path | None
     """The latest complete checkpoint directory (what export reads)."""
     preempted: bool
+    """Stopped early by SIGTERM or Ctrl-C (SIGINT), after saving a checkpoint of the step it stopped at."""
     last_loss: float | None
     state: TrainState | None = None
     """The final training state (on device), for programmatic use."""
+    stop_signal: str | None = None
+    """"SIGTERM" or "SIGINT" when preempted."""
 
 
 class Trainer:
@@ -85,7 +93,9 @@ class Trainer:
         rules: Any,
         peak_tflops: float | None = None,
         progress: bool = True,
+        lease: RunLease | None = None,
     ):
+        self.lease = lease
         self.step = step
         self.frozen = frozen
         self.data = data
@@ -103,6 +113,7 @@ class Trainer:
         self.mesh = step.mesh
         self.peak = peak_flops(self.mesh.devices.flat[0], peak_tflops)
         self._bar: tqdm | None = None
+        self._closed = False
         self._last_time: float | None = None
         self.last_loss: float | None = None
 
@@ -111,11 +122,38 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(self.step.batch_sharding, v) for k, v in batch.items()}
 
     def run(self, state: TrainState) -> TrainResult:
+        """Train to ``total_steps`` (or a stop signal), then close the trainer (see ``close``), however it ends."""
+        try:
+            step, stop_signal, state = self._run(state)
+            self.checkpointer.wait()  # the last save completes (or fails, loudly) before the result names it
+            return self._result(step, stop_signal, state)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let a save in flight finish (after a NaN or a crash it is the last good checkpoint), close the
+        checkpointer and the metrics, then release the run directory's lease: in that order, so that nothing is
+        written after the lease is gone and orbax's writers are not shut down under a save. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.checkpointer.close()
+        finally:
+            try:
+                self.metrics.close()
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
+                if self.lease is not None:
+                    self.lease.release()
+
+    def _run(self, state: TrainState) -> tuple[int, str | None, TrainState]:
         start = int(jax.device_get(state.step))
-        preempted = False
+        stop_signal = None
         if start >= self.total_steps:
             log.info("nothing to do: the run is already at step %d of %d", start, self.total_steps)
-            return self._result(start, preempted, state)
+            return start, stop_signal, state
         log.info("training steps %d..%d (%s)", start + 1, self.total_steps, self.meta["dataset"])
         self._bar = tqdm(
             total=self.total_steps,
@@ -126,50 +164,57 @@ class Trainer:
         )
         pending = None
         step = start
-        try:
-            with use_mesh(self.mesh, self.rules), PreemptionWatcher() as watcher:
-                for step in range(start + 1, self.total_steps + 1):
-                    batch = micro_batches(next(self.data), self.grad_accum)
-                    data_state = self.data.get_state()
-                    compiles = not self.step.has_executable(batch)  # the first step, or a new bucket shape
-                    if compiles and pending is not None:  # keep the compile out of the previous step's time
-                        self._complete(*pending)
-                        pending = None
-                    state, metrics = self.step(self.frozen, state, self.to_device(batch))
-                    if compiles:
-                        self._last_time = time.perf_counter()
-                    if pending is not None:
-                        self._complete(*pending)
-                    pending = (step, metrics, batch, data_state)
-                    stop = watcher.should_stop(step)
-                    if step % self.checkpoint_every == 0 or step == self.total_steps or stop:
-                        self._complete(*pending)
-                        pending = None
-                        self.checkpointer.save(state, data_state=data_state, meta=self.meta)
-                        self.metrics.sync()  # a bucket run dir gets its logs at each checkpoint
-                    if stop:
-                        preempted = True
-                        log.warning("stopped at step %d on request; checkpoint saved, exiting cleanly", step)
-                        break
+        with use_mesh(self.mesh, self.rules), PreemptionWatcher() as watcher:
+            for step in range(start + 1, self.total_steps + 1):
+                if self.lease is not None:
+                    self.lease.check()  # another trainer took the run directory over: write nothing more
+                batch = micro_batches(next(self.data), self.grad_accum)
+                data_state = self.data.get_state()
+                compiles = not self.step.has_executable(batch)  # the first step, or a new bucket shape
+                if compiles and pending is not None:  # keep the compile out of the previous step's time
+                    self._complete(*pending)
+                    pending = None
+                state, metrics = self.step(self.frozen, state, self.to_device(batch))
+                if compiles:
+                    self._last_time = time.perf_counter()
                 if pending is not None:
                     self._complete(*pending)
-        finally:
-            # Let an async save in flight finish: after a NaN or a crash it is the last good checkpoint.
-            self.checkpointer.wait()
-            self.metrics.close()
-            self._bar.close()
-        return self._result(step, preempted, state)
+                pending = (step, metrics, batch, data_state)
+                stop = watcher.should_stop(step)
+                if step % self.checkpoint_every == 0 or step == self.total_steps or stop:
+                    self._complete(*pending)
+                    pending = None
+                    self.checkpointer.save(state, data_state=data_state, meta=self.meta)
+                    self.metrics.sync()  # a bucket run dir gets its logs at each checkpoint
+                if stop:
+                    stop_signal = watcher.signal_name or "SIGTERM"
+                    log.warning(
+                        "stopped at step %d on %s; checkpoint saved to %s, exiting cleanly",
+                        step,
+                        stop_signal,
+                        self.checkpointer.directory / str(step),
+                    )
+                    break
+            if pending is not None:
+                self._complete(*pending)
+        return step, stop_signal, state
 
-    def _result(self, step: int, preempted: bool, state: TrainState) -> TrainResult:
+    def _result(self, step: int, stop_signal: str | None, state: TrainState) -> TrainResult:
         latest = self.checkpointer.latest_step()
         return TrainResult(
             run_dir=self.checkpointer.directory.parent,
             step=step,
             checkpoint=None if latest is None else self.checkpointer.directory / str(latest),
-            preempted=preempted,
+            preempted=stop_signal is not None,
             last_loss=self.last_loss,
             state=state,
+            stop_signal=stop_signal,
         )
+
+    def _last_good(self) -> str:
+        self.checkpointer.wait()
+        latest = self.checkpointer.latest_step()
+        return f"step {latest} in {self.checkpointer.directory}" if latest is not None else "none"
 
     def _complete(
         self, step: int, metrics: dict[str, jax.Array], batch: dict[str, np.ndarray], data_state: dict[str, Any]
@@ -181,11 +226,15 @@ class Trainer:
         self._last_time = now
         loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.checkpointer.wait()
-            latest = self.checkpointer.latest_step()
-            kept = f"step {latest} in {self.checkpointer.directory}" if latest is not None else "none"
             raise TrainingDivergedError(
-                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping. Last good checkpoint: {kept}"
+                f"loss is {loss} (gradient norm {grad_norm}) at step {step}; stopping. "
+                f"Last good checkpoint: {self._last_good()}"
+            )
+        if not bool(values["params_finite"]):
+            raise TrainingDivergedError(
+                f"the LoRA parameters are not finite (NaN/Inf) after the update of step {step} (loss {loss}, "
+                f"gradient norm {grad_norm}; is optim.lr too large?); stopping. "
+                f"Last good checkpoint: {self._last_good()}"
             )
         self.last_loss = loss
         micro, rows, img_tokens = batch["latents"].shape[:3]
@@ -216,10 +265,42 @@ class Trainer:
             self._bar.set_postfix(postfix)
 
 
+def take_lease(run_dir: epath.Path) -> RunLease | None:
+    """The run directory's lease, held by process 0 for the whole run; every process raises ``RunDirBusyError``
+    when process 0 could not take it (so none of them goes on to build the model)."""
+    lease, refusal = None, None
+    if jax.process_index() == 0:
+        lease = RunLease(run_dir)
+        try:
+            lease.acquire()
+        except RunDirBusyError as e:
+            lease, refusal = None, e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+        if refused and refusal is None:
+            raise RunDirBusyError(f"{run_dir}: process 0 could not take the run directory's lease (its log says why)")
+    if refusal is not None:
+        raise refusal
+    return lease
+
+
+def _optim_changes(saved_meta: dict, cfg: RunConfig) -> list[str]:
+    saved = (saved_meta.get("config") or {}).get("optim") or {}
+    now = cfg.to_dict()["optim"]
+    return [f"optim.{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
 def setup(
     cfg: RunConfig, *, devices: Sequence[jax.Device] | None = None, progress: bool = True
 ) -> tuple[Trainer, TrainState]:
-    """Build the trainer and its starting state (fresh, or resumed from the latest checkpoint in output_dir)."""
+    """Build the trainer and its starting state (fresh, or resumed from the latest checkpoint in output_dir).
+
+    First takes the run directory's lease (``RunDirBusyError`` while another trainer uses output_dir, before
+    anything is built); the returned trainer holds it until ``Trainer.run`` ends (or ``Trainer.close``); a setup
+    that fails releases it.
+    """
     cfg.validate_for_training(require_data=not cfg.data.synthetic)
     mesh = make_mesh(*cfg.mesh.shape, devices=devices)
     rules = cfg.mesh.rules
@@ -227,72 +308,91 @@ def setup(
     run_dir = run_path(cfg.output_dir)
     seed = cfg.train.seed
     ema = cfg.optim.ema_decay is not None
-    # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
-    data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
-    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
-    latest = checkpointer.latest_step()
-    init_from = cfg.lora.init_from
-    if init_from and latest is None and not is_remote(init_from) and not pathlib.Path(init_from).exists():
-        raise ConfigError(f"{init_from}: no such LoRA file or training run", key="lora.init_from")
-    saved_meta = None
-    if latest is not None:
-        saved_meta = checkpointer.read_meta(latest)
-        check_resume_compatible(saved_meta, lora_settings(cfg), str(checkpointer.directory / str(latest)))
+    with contextlib.ExitStack() as undo:  # run on failure only: the trainer owns these once it exists
+        # One trainer per run directory, decided before anything else touches it (the checkpointer removes the
+        # leftovers of interrupted saves, which would be another trainer's saves in flight).
+        lease = take_lease(run_dir)
+        if lease is not None:
+            undo.callback(lease.release)
+        # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
+        data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
+        checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
+        undo.callback(checkpointer.close)
+        latest = checkpointer.latest_step()
+        init_from = cfg.lora.init_from
+        if init_from and latest is None and not is_remote(init_from) and not pathlib.Path(init_from).exists():
+            raise ConfigError(f"{init_from}: no such LoRA file or training run", key="lora.init_from")
+        saved_meta = None
+        if latest is not None:
+            saved_meta = checkpointer.read_meta(latest)
+            check_resume_compatible(saved_meta, lora_settings(cfg), str(checkpointer.directory / str(latest)))
 
-    with use_mesh(mesh, rules):
-        model, adapted = build.build_model(cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed)
-    model_cfg: FluxConfig = model.config
-    if init_from and latest is None:  # a resumed run continues from its checkpoint instead
-        init_lora_from(model, init_from)
-    objective = Objective.from_config(cfg.train)
-    warn_about_guidance(objective, base=cfg.model.base, config=model_cfg)
-    if data is None:
-        data, source = open_train_data(cfg, model_cfg)
-    check_fits(source, model_cfg)
-    graphdef, lora_state, frozen = split_trainable(model)
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
-    tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
-    state, shardings = init_train_state(flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
-    del lora_state, model
-    meta = run_meta(cfg, base_config=model_cfg, adapted=adapted, dataset=source.describe(), step=0)
-    if latest is not None:
-        where = str(checkpointer.directory / str(latest))
-        check_resume_compatible(saved_meta, meta, where)  # now with the base config
-        state, data_state, _ = checkpointer.restore(latest, abstract_like(state, shardings))
-        data.set_state(data_state)
-        log.info("resuming from %s (step %d, data %s)", where, latest, data_state)
-    compiler = StepCompiler(
-        graphdef=graphdef,
-        template=template,
-        frozen=frozen,
-        state_shardings=shardings,
-        tx=tx,
-        objective=objective,
-        ema_decay=cfg.optim.ema_decay,
-        mesh=mesh,
-    )
-    is_main = jax.process_index() == 0
-    if is_main:
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-    metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
-    trainer = Trainer(
-        step=compiler,
-        frozen=frozen,
-        data=data,
-        grad_accum=cfg.train.grad_accum,
-        checkpointer=checkpointer,
-        metrics=metrics,
-        meta=meta,
-        total_steps=cfg.train.steps,
-        checkpoint_every=cfg.checkpoint.every,
-        log_every=cfg.log.every,
-        schedule=build_schedule(cfg.optim, cfg.train.steps),
-        model_cfg=model_cfg,
-        rules=rules,
-        peak_tflops=cfg.log.peak_tflops,
-        progress=progress,
-    )
-    return trainer, state
+        with use_mesh(mesh, rules):
+            model, adapted = build.build_model(cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed)
+        model_cfg: FluxConfig = model.config
+        if init_from and latest is None:  # a resumed run continues from its checkpoint instead
+            init_lora_from(model, init_from)
+        objective = Objective.from_config(cfg.train)
+        warn_about_guidance(objective, base=cfg.model.base, config=model_cfg)
+        if data is None:
+            data, source = open_train_data(cfg, model_cfg)
+        check_fits(source, model_cfg)
+        graphdef, lora_state, frozen = split_trainable(model)
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
+        tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
+        state, shardings = init_train_state(flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
+        del lora_state, model
+        meta = run_meta(cfg, base_config=model_cfg, adapted=adapted, dataset=source.describe(), step=0)
+        if latest is not None:
+            where = str(checkpointer.directory / str(latest))
+            check_resume_compatible(saved_meta, meta, where)  # now with the base config
+            try:
+                state, data_state, _ = checkpointer.restore(latest, abstract_like(state, shardings))
+            except CheckpointError:
+                changed = _optim_changes(saved_meta, cfg)
+                if not changed:
+                    raise
+                raise CheckpointError(
+                    f"{where}: cannot resume: the optimizer settings changed since this checkpoint "
+                    f"({'; '.join(changed)}) and its optimizer state does not fit them; set them back, "
+                    f"or start a new run in another output_dir"
+                ) from None
+            data.set_state(data_state)
+            log.info("resuming from %s (step %d, data %s)", where, latest, data_state)
+        compiler = StepCompiler(
+            graphdef=graphdef,
+            template=template,
+            frozen=frozen,
+            state_shardings=shardings,
+            tx=tx,
+            objective=objective,
+            ema_decay=cfg.optim.ema_decay,
+            mesh=mesh,
+        )
+        is_main = jax.process_index() == 0
+        if is_main and (latest or 0) < cfg.train.steps:  # a run with nothing left to do leaves its files alone
+            write_text(run_dir / "config.yaml", cfg.to_yaml())
+        metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
+        trainer = Trainer(
+            step=compiler,
+            frozen=frozen,
+            data=data,
+            grad_accum=cfg.train.grad_accum,
+            checkpointer=checkpointer,
+            metrics=metrics,
+            meta=meta,
+            total_steps=cfg.train.steps,
+            checkpoint_every=cfg.checkpoint.every,
+            log_every=cfg.log.every,
+            schedule=build_schedule(cfg.optim, cfg.train.steps),
+            model_cfg=model_cfg,
+            rules=rules,
+            peak_tflops=cfg.log.peak_tflops,
+            progress=progress,
+            lease=lease,
+        )
+        undo.pop_all()
+        return trainer, state
 
 
 def train(cfg: RunConfig, *, devices: Sequence[jax.Device] | None = None, progress: bool = True) -> TrainResult:

@@ -1,9 +1,11 @@
-"""Stop-and-save on SIGTERM (TPU/GPU preemption, `kill`, a scheduler's time limit).
+"""Stop-and-save on SIGTERM (TPU/GPU preemption, `kill`, a scheduler's time limit) and on Ctrl-C (SIGINT).
 
 The handler only sets a flag; the training loop polls it between steps, writes a checkpoint of the state it has
-and exits with status 0, so a preempted job is simply resumed by running it again. On several hosts every host
-must stop at the same step: there ``jax.distributed`` (initialised explicitly, see ``flux_jax.train.distributed``)
-runs JAX's preemption sync manager, and ``reached_preemption_sync_point`` makes all hosts agree.
+and exits with status 0, so a preempted or interrupted job is simply resumed by running it again. A second Ctrl-C
+raises ``KeyboardInterrupt`` at once (quit without the checkpoint). On several hosts every host must stop at the
+same step: there ``jax.distributed`` (initialised explicitly, see ``flux_jax.train.distributed``) runs JAX's
+preemption sync manager, which watches SIGTERM, and ``reached_preemption_sync_point`` makes all hosts agree; there
+Ctrl-C keeps its default meaning (``KeyboardInterrupt``), since one host cannot stop the others alone.
 """
 
 from __future__ import annotations
@@ -19,19 +21,29 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionWatcher:
-    """Context manager: installs a SIGTERM handler for its duration and answers "stop now?" per step."""
+    """Context manager: installs SIGTERM and SIGINT handlers for its duration and answers "stop now?" per step."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
+    @property
+    def signal_name(self) -> str | None:
+        """ "SIGTERM" / "SIGINT" once one arrived."""
+        return None if self.received is None else signal.Signals(self.received).name
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            log.warning(
-                "received %s: saving a checkpoint after the current step, then exiting", signal.Signals(signum).name
-            )
+        if self.received is not None:
+            if signum == signal.SIGINT:  # Ctrl-C twice: the user wants out now
+                raise KeyboardInterrupt
+            return
         self.received = signum
+        log.warning(
+            "received %s: saving a checkpoint after the current step, then exiting%s",
+            signal.Signals(signum).name,
+            " (Ctrl-C again to quit without it)" if signum == signal.SIGINT else "",
+        )
 
     def __enter__(self) -> PreemptionWatcher:
         # Several hosts must agree on the stop step, so there JAX's preemption sync manager (which watches SIGTERM

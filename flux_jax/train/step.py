@@ -3,7 +3,8 @@
 ``train_step(graphdef, template, frozen, state, batch, tx=, objective=, ema_decay=)`` merges the frozen base
 and the current LoRA params into the model, runs ``micro`` micro-batches (gradient accumulation by
 ``lax.scan``; ``batch`` leaves are [micro, rows, ...]), averages their gradients, applies one optimizer update
-and the EMA, and returns the new state and scalar metrics. Only the LoRA params are differentiated; the base
+and the EMA, and returns the new state and scalar metrics (loss, gradient norm, and whether every new LoRA
+parameter is finite). Only the LoRA params are differentiated; the base
 is an argument that is never donated and never changes.
 
 ``StepCompiler`` binds the static parts with ``functools.partial``, jits with in/out shardings and the state
@@ -99,7 +100,9 @@ def train_step(
     if ema is not None:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(e.dtype), ema, lora)
     new_state = state.replace(step=state.step + 1, lora=lora, opt_state=opt_state, ema=ema)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    # One flag over the new params (and EMA): a checkpoint is good only if they are all finite.
+    finite = jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves((lora, ema))]).all()
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "params_finite": finite}
 
 
 def eval_loss(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_jax.train.lease import LEASE_FILE, STALE_AFTER, RunDirBusyError, RunLease, _process_start
+from flux_jax.train.lease import LEASE_FILE, STALE_AFTER, RunDirBusyError, RunDirError, RunLease, _process_start
 from tests.helpers.leases import a_dead_pid, write_owner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,14 @@ def test_the_heartbeat_refreshes_the_lease_and_a_takeover_is_noticed(tmp_path):
         time.sleep(0.02)
     lease.release()
     assert json.loads((tmp_path / LEASE_FILE).read_text())["token"] == other.token  # not ours to remove
+
+
+def test_a_run_dir_that_cannot_hold_a_lease_is_one_clear_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError) as e:
+        RunLease(tmp_path / "file" / "run").acquire()
+    assert str(e.value).startswith(f"{tmp_path / 'file' / 'run' / LEASE_FILE}: cannot take the run directory's lease: ")
+    assert "Not a directory" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_file_that_is_not_a_lease_is_refused(tmp_path):

@@ -59,6 +59,10 @@ class RunDirBusyError(FluxJaxError):
     """Another trainer owns the run directory (or took it over from this one)."""
 
 
+class RunDirError(FluxJaxError):
+    """The run directory's lease cannot be read or written (not a directory, no permission, no such bucket)."""
+
+
 def _read_text(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -213,7 +217,17 @@ class RunLease:
 
     def acquire(self) -> RunLease:
         """Take the lease, taking over a stale one with a warning; ``RunDirBusyError`` while another trainer owns
-        the run directory."""
+        the run directory, ``RunDirError`` when the lease cannot be read or written there."""
+        try:
+            return self._acquire()
+        except FluxJaxError:
+            raise
+        except Exception as e:  # tensorstore reports storage failures as ValueErrors
+            text = str(e).strip()
+            reason = text.splitlines()[0] if text else type(e).__name__
+            raise RunDirError(f"{self.where}: cannot take the run directory's lease: {reason}") from None
+
+    def _acquire(self) -> RunLease:
         if self._spec is None:
             log.warning("%s: no lease for this kind of location; make sure no other trainer uses it", self.run_dir)
             return self

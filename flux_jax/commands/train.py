@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     if result.checkpoint is None:
         print(f"no checkpoint was written in {result.run_dir}")
         return 1
-    what = "stopped early (preempted) at" if result.preempted else "finished at"
+    if result.preempted:
+        what = "stopped early (interrupted) at" if result.stop_signal == "SIGINT" else "stopped early (preempted) at"
+    else:
+        what = "finished at"
     print(f"{what} step {result.step}; LoRA checkpoint: {result.checkpoint}")
     return 0

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -259,6 +260,9 @@ class Checkpointer:
         if reason is None:
             return
         self._failed = True
+        if not _verbose():
+            # The failed save leaves orbax's write coroutines unfinished; Python warns about each one at exit.
+            warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         try:
             self.manager.reload()
             latest = self.manager.latest_step()

@@ -227,12 +227,18 @@ def atomic_file(path: str | os.PathLike, *, force: bool = True) -> Iterator[path
             raise OutputExistsError(_exists_message(path))
         os.replace(tmp, path)
     except BaseException as e:
-        removed = _remove(tmp)
-        code = _refused(e, path, tmp)
-        if code is None:
-            raise
-        raise _write_error(path, code, removed) from e
+        _abandon(e, path, tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+def _abandon(error: BaseException, path: pathlib.Path, tmp: pathlib.Path) -> None:
+    """After a failed write to ``tmp``: remove it, and turn a refused write (no space, no permission) into one
+    ``OutputWriteError`` naming ``path``; any other error is left for the caller to re-raise."""
+    removed = _remove(tmp)
+    code = _refused(error, path, tmp)
+    if code is not None:
+        raise _write_error(path, code, removed) from error
 
 
 def _restore(old: pathlib.Path, path: pathlib.Path) -> None:
@@ -275,11 +281,8 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[path
                 _restore(old, path)
             raise
     except BaseException as e:
-        removed = _remove(tmp)
-        code = _refused(e, path, tmp)
-        if code is None:
-            raise
-        raise _write_error(path, code, removed) from e
+        _abandon(e, path, tmp)
+        raise
     _fsync_dir(path.parent)
     if old is not None:
         _remove(old)

@@ -308,6 +308,92 @@ class LogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Pictures and a held-out loss while training (``flux_jax.train.validation``); off unless ``every`` is set.
+
+    Images go to ``<output_dir>/samples/<step>/`` (one PNG per prompt and seed, a grid, and ``validation.json``
+    written last) and to TensorBoard; the loss to metrics.jsonl. Validation reads nothing the training reads (its
+    own noise, its own data) and never changes the LoRA."""
+
+    every: int | None = None
+    """Validate every N optimizer steps, at step 0 (the "before" picture) and at the last step; 0 or null = off."""
+    prompts: tuple[str, ...] = ()
+    prompts_file: str = ""
+    """A text file of prompts, one per line (blank lines skipped); instead of ``prompts``."""
+    negative: str = ""
+    """The negative prompt of true CFG (``cfg`` > 1); empty = the empty prompt, as diffusers' ``negative_prompt=""``."""
+    seeds: tuple[int, ...] = (0,)
+    """One image per prompt and seed; seed S draws the noise diffusers / ComfyUI draw for seed S and this prompt."""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    """Denoising steps per image."""
+    guidance: float = 3.5
+    """The guidance embedding's value: 3.5 for a guidance-distilled base (Flux.1-dev); 1.0 for Dev2Pro with cfg."""
+    cfg: float = 1.0
+    """True-CFG scale (above 1: the negative prompt is sampled too); 1.0 for a guidance-distilled base."""
+    lora_scale: float = 1.0
+    """Multiplies the adapters' alpha in the sampling copy only (never in training)."""
+    # flux_jax.sampling.schedules.MATCHES; that layer sits above this one, so the names are repeated here.
+    match: Literal["diffusers", "comfyui", "bfl"] = "diffusers"
+    """Whose recipe (schedule, T5 padding, Euler form, rounding) the images reproduce."""
+    batch: int = 4
+    """Images per sampler call (prompt x seed pairs; each keeps its own seed's noise, so batching changes nothing)."""
+    base: str = ""
+    """Sample another base than the one trained (a transformer checkpoint of the same architecture, or a FLUX.1
+    pipeline directory: its transformer/), with the trained LoRA on it; "" = the training base."""
+    base_dtype: Literal["fp32", "bf16", "fp8"] = "fp8"
+    """Storage dtype of ``base`` (frozen and only sampled: fp8 halves its HBM); sharded like the training base."""
+    loss_cache: str = ""
+    """A held-out dataset (a `flux-jax cache` directory, or cached examples) for the validation loss; "" = none."""
+    loss_batches: int = 1
+    """Batches of the training micro-batch size the validation loss averages over."""
+    loss_seed: int = 0
+    """Seeds the validation loss's fixed noise and timesteps (the same draw at every validation step)."""
+
+    def __post_init__(self) -> None:
+        every = self.every
+        _require(every is None or every >= 0, "every", f"must be >= 0 or null, got {every}")
+        _require(
+            not (self.prompts and self.prompts_file),
+            "prompts_file",
+            f"set either prompts or prompts_file ({self.prompts_file!r}), not both",
+        )
+        for i, prompt in enumerate(self.prompts):
+            _require(bool(prompt.strip()), f"prompts[{i}]", "is empty")
+        _require(bool(self.seeds), "seeds", "must list at least one seed")
+        for i, seed in enumerate(self.seeds):
+            _require(0 <= seed < 2**64, f"seeds[{i}]", f"must be in [0, 2**64), got {seed}")
+        for name in ("width", "height"):
+            size = getattr(self, name)
+            _require(
+                size >= 16 and size % 16 == 0,
+                name,
+                f"must be a positive multiple of 16 (VAE /8 then 2x2 packing), got {size}",
+            )
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.guidance >= 0, "guidance", f"must be >= 0, got {self.guidance}")
+        _require(self.cfg >= 1.0, "cfg", f"must be >= 1 (1 = no true CFG), got {self.cfg}")
+        _require(self.batch >= 1, "batch", f"must be >= 1, got {self.batch}")
+        _require(self.loss_batches >= 1, "loss_batches", f"must be >= 1, got {self.loss_batches}")
+        if self.enabled:
+            _require(
+                bool(self.prompts or self.prompts_file or self.loss_cache),
+                "every",
+                "is set, but there is nothing to validate: set prompts (or prompts_file) and/or loss_cache",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every)
+
+    @property
+    def samples(self) -> bool:
+        """Whether validation draws pictures (it may only measure the loss)."""
+        return bool(self.prompts or self.prompts_file)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -318,6 +404,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     encoders: EncodersConfig = dataclasses.field(default_factory=EncodersConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     output_dir: str = "runs/default"
 
     def to_dict(self) -> dict[str, Any]:
@@ -375,6 +462,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "ValidationConfig",
     "from_dict",
     "load_config",
     "parse_override",

@@ -2,11 +2,12 @@
 
 ``setup(cfg)`` takes the run directory's lease (one trainer per ``output_dir``, see ``flux_jax.train.lease``) and
 builds those pieces (and the initial or resumed state) from a ``RunConfig``; ``Trainer.run(state)`` only loops:
-fetch a batch, run the step, log, check for NaN, save every N steps, stop cleanly on SIGTERM or Ctrl-C, then
-closes the checkpointer and releases the lease. ``train(cfg)`` is both. Step metrics are read one step late, so
-the host dispatches step n+1 before it waits for step n and the device never idles on Python; a checkpoint is only
-written after the metrics of the step it holds were checked (a finite loss and gradient norm, and finite LoRA
-parameters after the update), so a diverged step is never saved.
+fetch a batch, run the step, log, check for NaN, run the hooks (``Trainer.add_hook``: validation), save every N
+steps, stop cleanly on SIGTERM or Ctrl-C, then closes the checkpointer and releases the lease. ``train(cfg)`` is
+both. Step metrics are read one step late, so the host dispatches step n+1 before it waits for step n and the
+device never idles on Python; hooks and checkpoints only see a step whose metrics were checked (a finite loss and
+gradient norm, and finite LoRA parameters after the update), so a diverged step is never saved or validated. A
+hook's time is not part of any step's ``step_time``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import pathlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -46,8 +47,16 @@ from flux_jax.train.optim import build_optimizer, build_schedule
 from flux_jax.train.preemption import PreemptionWatcher
 from flux_jax.train.state import TrainState, abstract_like, flat_params, init_train_state, split_trainable
 from flux_jax.train.step import StepCompiler, check_batch_split, micro_batches
+from flux_jax.train.validation import build_validation, check_validation, completed
 
 log = logging.getLogger(__name__)
+
+
+class Hook(Protocol):
+    """What ``Trainer.add_hook`` calls: ``hook(step, state)``; it may also have ``done(step) -> bool`` (whether it
+    already ran at ``step`` in an earlier run of this run directory)."""
+
+    def __call__(self, step: int, state: TrainState) -> None: ...
 
 
 class TrainingDivergedError(FluxJaxError):
@@ -116,6 +125,40 @@ class Trainer:
         self._closed = False
         self._last_time: float | None = None
         self.last_loss: float | None = None
+        self.hooks: list[tuple[Hook, int]] = []
+
+    def add_hook(self, hook: Hook, *, every: int) -> None:
+        """Call ``hook(step, state)`` at every ``every``-th step and at the last one (Levanter's ``add_hook``).
+
+        It runs after that step's metrics were checked and before its checkpoint is saved: a run killed in
+        between does it again once resumed, one killed after the save has it. At a stop signal's step it is
+        skipped, so the save is quick. A run also calls it before its first step, at the step it starts from
+        (0 when fresh), if that step is due and ``hook.done(step)`` says it did not run there (a hook without
+        ``done`` is called there only at step 0). The hook must not change ``state``: the next step donates it.
+        """
+        if every < 1:
+            raise ValueError(f"a hook's every must be >= 1, got {every}")
+        self.hooks.append((hook, every))
+
+    def _due(self, step: int) -> list[Hook]:
+        return [hook for hook, every in self.hooks if step % every == 0 or step == self.total_steps]
+
+    def _run_hooks(self, step: int, state: TrainState, hooks: Sequence[Hook]) -> None:
+        for hook in hooks:
+            hook(step, state)
+        # The hooks' time is theirs: the next step's step_time starts now (it was not dispatched yet).
+        self._last_time = time.perf_counter()
+
+    def _catch_up(self, start: int, state: TrainState) -> None:
+        """The hooks due at the starting step that have not run there (see ``add_hook``)."""
+        missing = []
+        for hook in self._due(start):
+            done = getattr(hook, "done", None)
+            if (done is None and start == 0) or (done is not None and not done(start)):
+                missing.append(hook)
+        if missing:
+            with use_mesh(self.mesh, self.rules):
+                self._run_hooks(start, state, missing)
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Global arrays from this host's rows (on one host: a plain sharded device_put)."""
@@ -151,6 +194,7 @@ class Trainer:
     def _run(self, state: TrainState) -> tuple[int, str | None, TrainState]:
         start = int(jax.device_get(state.step))
         stop_signal = None
+        self._catch_up(start, state)
         if start >= self.total_steps:
             log.info("nothing to do: the run is already at step %d of %d", start, self.total_steps)
             return start, stop_signal, state
@@ -181,9 +225,16 @@ class Trainer:
                     self._complete(*pending)
                 pending = (step, metrics, batch, data_state)
                 stop = watcher.should_stop(step)
-                if step % self.checkpoint_every == 0 or step == self.total_steps or stop:
-                    self._complete(*pending)
+                hooks = [] if stop else self._due(step)  # a stop saves at once
+                save = step % self.checkpoint_every == 0 or step == self.total_steps or stop
+                if hooks or save:
+                    self._complete(*pending)  # hooks and saves see a step whose metrics were checked
                     pending = None
+                if hooks:
+                    self._run_hooks(step, state, hooks)  # before the save: see add_hook
+                    if not save:
+                        self.metrics.sync()
+                if save:
                     self.checkpointer.save(state, data_state=data_state, meta=self.meta)
                     self.metrics.sync()  # a bucket run dir gets its logs at each checkpoint
                 if stop:
@@ -316,6 +367,7 @@ def setup(
             undo.callback(lease.release)
         # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
         data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
+        validation_inputs = check_validation(cfg)
         checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
         undo.callback(checkpointer.close)
         latest = checkpointer.latest_step()
@@ -373,6 +425,24 @@ def setup(
         if is_main and (latest or 0) < cfg.train.steps:  # a run with nothing left to do leaves its files alone
             write_text(run_dir / "config.yaml", cfg.to_yaml())
         metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
+        undo.callback(metrics.close)
+        validation = None
+        # A finished run builds nothing for validation, unless its last validation is missing (a stop signal at
+        # the last step skips it; see Trainer.add_hook).
+        if validation_inputs is not None and ((latest or 0) < cfg.train.steps or not completed(run_dir, latest or 0)):
+            with use_mesh(mesh, rules):
+                validation = build_validation(
+                    cfg,
+                    validation_inputs,
+                    mesh=mesh,
+                    rules=rules,
+                    graphdef=graphdef,
+                    template=template,
+                    frozen=frozen,
+                    model_cfg=model_cfg,
+                    objective=objective,
+                    metrics=metrics,
+                )
         trainer = Trainer(
             step=compiler,
             frozen=frozen,
@@ -391,6 +461,8 @@ def setup(
             progress=progress,
             lease=lease,
         )
+        if validation is not None:
+            trainer.add_hook(validation, every=cfg.validation.every)
         undo.pop_all()
         return trainer, state
 

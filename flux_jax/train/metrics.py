@@ -17,6 +17,8 @@ import pathlib
 import tempfile
 from collections.abc import Mapping
 
+import numpy as np
+
 from flux_jax.model.config import FluxConfig
 from flux_jax.storage import is_remote, run_path, upload, write_text
 
@@ -37,7 +39,8 @@ def useful_flops_per_sample(cfg: FluxConfig, img_tokens: int, txt_tokens: int) -
 
 
 class MetricsWriter:
-    """Appends one JSON record per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Appends one JSON record per logged step to ``metrics.jsonl`` and mirrors scalars (and validation images) to
+    TensorBoard.
 
     Only process 0 writes. On resume, records past the resumed step (written after the last checkpoint of a
     run that was killed) are dropped first, so the file holds each step once.
@@ -71,7 +74,9 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR))
+            # On resume, TensorBoard hides what the previous run logged past the resumed step (it is logged again).
+            purge = resume_step + 1 if resume_step > 0 else None
+            self._tb = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -87,7 +92,8 @@ class MetricsWriter:
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
 
-    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
+    def write(self, step: int, values: Mapping[str, float | int | None], *, group: str = "train") -> None:
+        """One metrics.jsonl record for ``step``; its numbers also go to TensorBoard as ``<group>/<key>``."""
         if not self.enabled:
             return
         record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
@@ -96,7 +102,15 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    self._tb.add_scalar(f"{group}/{k}", v, step)
+
+    def add_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """TensorBoard image summaries: ``{tag: uint8 [H, W, 3]}`` at ``step`` (nothing without TensorBoard)."""
+        if not self.enabled or self._tb is None:
+            return
+        for tag, image in images.items():
+            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        self._tb.flush()  # images are few and large: on disk now rather than at the next flush interval
 
     def sync(self) -> None:
         """Upload the staged files of a remote run directory (a no-op for a local one)."""

@@ -1,0 +1,282 @@
+"""Validation during training on the tiny Flux over the 8 fake CPU devices: it never changes the LoRA (bit for bit),
+its pictures reach samples/<step>/ and TensorBoard, its held-out loss is eval_loss at fixed noise and timesteps,
+stopped and killed runs resume its schedule with no step repeated or missing, another base is sampled with the
+trained LoRA on it, and bad settings name their key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flux_jax.data.examples import BatchIterator, CachedExamples, synthetic_examples, write_cached_examples
+from flux_jax.errors import ConfigError
+from flux_jax.model.config import preset
+from flux_jax.run_config import load_config
+from flux_jax.train.loop import TrainResult, setup
+from flux_jax.train.step import STEP_KEYS, eval_loss
+from flux_jax.train.validation import MARKER, SAMPLES_DIR
+from tests.helpers.compile_cache import persistent_compile_cache
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+STEPS, EVERY = 8, 4
+VALIDATED = [0, 4, 8]
+# data=2 x fsdp=4 as in test_train_loop.py / test_train_resume.py: the same train step, compiled once per session.
+COMMON = [
+    f"train.steps={STEPS}",
+    "checkpoint.every=4",
+    "checkpoint.async_save=false",
+    "mesh.data=2",
+    "mesh.fsdp=4",
+    "log.tensorboard=false",
+]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
+    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    """16 held-out examples shaped for the tiny model (another draw than the training set)."""
+    m = preset("tiny")
+    source = synthetic_examples(
+        in_channels=m.in_channels, context_dim=m.context_in_dim, vec_dim=m.vec_in_dim, resolution=64, seed=7
+    )
+    return write_cached_examples(tmp_path_factory.mktemp("heldout") / "examples", source.examples)
+
+
+def config(out: Path, *overrides: str):
+    return load_config(TINY, [f"output_dir={out}", *COMMON, *overrides])
+
+
+def validation_args(heldout: Path, *extra: str) -> list[str]:
+    return [f"validation.every={EVERY}", f"validation.loss_cache={heldout}", *extra]
+
+
+def run(cfg, hooks=()) -> tuple[TrainResult, object]:
+    """Train ``cfg`` with extra ``(hook, every)`` pairs added after the trainer's own; returns (result, trainer)."""
+    trainer, state = setup(cfg, progress=False)
+    for hook, every in hooks:
+        trainer.add_hook(hook, every=every)
+    return trainer.run(state), trainer
+
+
+def validation_of(trainer):
+    (hook,) = [h for h, _ in trainer.hooks if type(h).__name__ == "Validation"]
+    return hook
+
+
+def host_lora(result: TrainResult) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in result.state.lora.items()}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def validation_records(out: Path) -> list[dict]:
+    return [r for r in records(out) if "validation_time" in r]
+
+
+def marker_steps(out: Path) -> list[int]:
+    root = out / SAMPLES_DIR
+    return sorted(int(p.name) for p in root.iterdir() if (p / MARKER).is_file()) if root.exists() else []
+
+
+class Recorder:
+    """A hook that only records the steps it was called at."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def __call__(self, step, state):
+        self.steps.append(step)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run without validation (and a recording hook every 3 steps, which changes nothing either)."""
+    out = tmp_path_factory.mktemp("reference")
+    recorder = Recorder()
+    result, _ = run(config(out), hooks=[(recorder, 3)])
+    assert result.step == STEPS
+    return out, result, recorder
+
+
+def test_a_hook_runs_at_step_0_every_n_steps_and_at_the_last_step(reference):
+    _, _, recorder = reference
+    assert recorder.steps == [0, 3, 6, 8]
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, heldout):
+    """The same run with validation on (loss only here) and a slow hook at the validation steps."""
+    out = tmp_path_factory.mktemp("validated")
+
+    def slow(step, state):
+        time.sleep(SLOW)
+
+    result, trainer = run(config(out, *validation_args(heldout)), hooks=[(slow, EVERY)])
+    return out, result, trainer
+
+
+SLOW = 2.0
+
+
+def test_validation_does_not_change_the_lora_bit_for_bit(reference, validated):
+    want, got = host_lora(reference[1]), host_lora(validated[1])
+    assert want.keys() == got.keys()
+    assert not np.allclose(want["double_blocks.img_attn.qkv.lora.lora_b"], 0)  # it trained
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert validated[1].last_loss == reference[1].last_loss
+
+
+def test_validation_runs_at_step_0_and_every_n_steps_with_its_time_apart(validated):
+    out, _, trainer = validated
+    assert validation_of(trainer).runs == VALIDATED
+    assert marker_steps(out) == VALIDATED
+    vals = validation_records(out)
+    assert [r["step"] for r in vals] == VALIDATED
+    assert all(r["validation_time"] > 0 for r in vals)
+    train = [r for r in records(out) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # each step once
+    # The hooks' time (validation and a 2 s sleep at step 4) is in no step's step_time.
+    step_time = {r["step"]: r.get("step_time") for r in train}
+    assert step_time[5] is not None and step_time[5] < SLOW, step_time
+    marker = json.loads((out / SAMPLES_DIR / "4" / MARKER).read_text())
+    assert marker["step"] == 4 and marker["val_loss"] == vals[1]["val_loss"]
+
+
+def test_validation_loss_is_eval_loss_at_fixed_noise_and_timesteps(validated, heldout):
+    out, result, trainer = validated
+    vals = {r["step"]: r["val_loss"] for r in validation_records(out)}
+    assert all(np.isfinite(v) for v in vals.values())
+    assert len(set(vals.values())) == len(vals)  # the LoRA changes, so does its loss
+    # By hand: the first batch of the held-out set in loss_seed 0's order, sample i drawing from
+    # fold_in(fold_in(key(0), batch 0), i), for the final LoRA.
+    source = CachedExamples(heldout)
+    batch = next(BatchIterator(source, batch_size=8, seed=0))
+    batch = {k: jax.numpy.asarray(v) for k, v in batch.items() if k in STEP_KEYS}
+    c = trainer.step
+    want = eval_loss(
+        c.graphdef, c.template, trainer.frozen, result.state.lora, batch, jax.random.fold_in(jax.random.key(0), 0),
+        objective=c.objective,
+    )  # fmt: skip
+    assert vals[STEPS] == pytest.approx(float(want), rel=1e-5)
+
+
+class Stopper:
+    """Sends this process SIGTERM in the hook of ``at``: the trainer then stops at the next step and saves."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def __call__(self, step, state):
+        if step == self.at:
+            signal.raise_signal(signal.SIGTERM)
+
+
+class Killed(Exception):
+    pass
+
+
+def crash_at(at: int):
+    def crash(step, state):
+        if step == at:
+            raise Killed(f"killed at step {step}, after its validation, before its checkpoint")
+
+    return crash
+
+
+def test_stopped_and_killed_runs_continue_the_validation_schedule_exactly(tmp_path, heldout, reference):
+    out = tmp_path / "run"
+    cfg = config(out, *validation_args(heldout))
+    # 1. SIGTERM during step 3: the run stops at step 4 and saves it, skipping step 4's validation.
+    first, trainer = run(cfg, hooks=[(Stopper(3), 1)])
+    assert first.preempted and first.step == 4
+    assert validation_of(trainer).runs == [0] and marker_steps(out) == [0]
+    # 2. Resumed at 4: step 4's validation is due and missing, so it runs first. Then the run dies at step 8
+    #    after validating it, before its checkpoint: the latest checkpoint stays at step 4.
+    trainer, state = setup(cfg, progress=False)
+    trainer.add_hook(crash_at(8), every=EVERY)
+    with pytest.raises(Killed):
+        trainer.run(state)
+    assert validation_of(trainer).runs == [4, 8] and marker_steps(out) == VALIDATED
+    # 3. Resumed at 4 again: step 4 is done (no repeat); steps 5..8 run again, and so does step 8's validation.
+    last, trainer = run(cfg)
+    assert last.step == STEPS and not last.preempted
+    assert validation_of(trainer).runs == [8]
+    assert marker_steps(out) == VALIDATED
+    assert [r["step"] for r in validation_records(out)] == VALIDATED  # each validation step logged once
+    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, STEPS + 1))
+    want = host_lora(reference[1])
+    for k, v in host_lora(last).items():
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Config errors name the key
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "message"),
+    [
+        ("validation.width=40", "validation.width", "multiple of 16"),
+        ("validation.height=0", "validation.height", "multiple of 16"),
+        ("validation.steps=0", "validation.steps", ">= 1"),
+        ("validation.match=automatic1111", "validation.match", "'diffusers', 'comfyui', 'bfl'"),
+        ("validation.base_dtype=int8", "validation.base_dtype", "'fp32', 'bf16', 'fp8'"),
+        ("validation.cfg=0.5", "validation.cfg", ">= 1"),
+        ("validation.seeds=[]", "validation.seeds", "at least one seed"),
+        ("validation.seeds=[-1]", "validation.seeds[0]", "[0, 2**64)"),
+        ("validation.prompts=['a cat', ' ']", "validation.prompts[1]", "is empty"),
+        ("validation.every=-2", "validation.every", ">= 0"),
+        ("validation.loss_batches=0", "validation.loss_batches", ">= 1"),
+    ],
+)
+def test_a_bad_validation_setting_names_its_key(override, key, message):
+    with pytest.raises(ConfigError, match="validation") as e:
+        load_config(TINY, ["validation.prompts=['a cat']", override])
+    assert e.value.key == key and message in str(e.value), str(e.value)
+    assert f"override {override!r}" in str(e.value)
+
+
+def test_validation_is_off_by_default_and_needs_something_to_validate():
+    assert not load_config(TINY).validation.enabled
+    assert not load_config(TINY, ["validation.every=0", "validation.prompts=['a cat']"]).validation.enabled
+    with pytest.raises(ConfigError, match="nothing to validate") as e:
+        load_config(TINY, ["validation.every=10"])
+    assert e.value.key == "validation.every"
+    with pytest.raises(ConfigError, match="not both") as e:
+        load_config(TINY, ["validation.every=10", "validation.prompts=['a']", "validation.prompts_file=p.txt"])
+    assert e.value.key == "validation.prompts_file"
+
+
+def test_a_missing_prompts_file_or_loss_cache_fails_before_the_model_is_built(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    for override, key in (
+        (f"validation.prompts_file={tmp_path / 'nope.txt'}", "validation.prompts_file"),
+        (f"validation.loss_cache={tmp_path / 'nope'}", "validation.loss_cache"),
+    ):
+        cfg = config(tmp_path / key, "validation.every=2", override)
+        with pytest.raises(ConfigError) as e:
+            setup(cfg, progress=False)
+        assert e.value.key == key and str(tmp_path / "nope") in str(e.value)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match="holds no prompts"):
+        setup(config(tmp_path / "e", "validation.every=2", f"validation.prompts_file={tmp_path / 'empty.txt'}"))
+    assert "building a random" not in caplog.text

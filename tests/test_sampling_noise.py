@@ -29,7 +29,8 @@ SEEDS = (0, 42, 2**32 + 7, 2**63 - 1, -1, -(2**40) - 3)
 BLOCK_SHAPES = (
     (1, 16, 128, 128),  # 1024 px latents
     (2, 16, 64, 96),  # a batch, non-square
-    (1, 16, 3, 5),  # 240: not a multiple of 16
+    (1, 16, 3, 5),  # odd latent sides (240 elements, still whole blocks)
+    (3, 5, 7, 11),  # 1155 = 72 blocks + 3: the tail block is recomputed from fresh draws
     (16,),
     (17,),
     (31,),

@@ -5,20 +5,26 @@ trained LoRA on it, and bad settings name their key."""
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import signal
+import struct
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from flux_jax.data.examples import BatchIterator, CachedExamples, synthetic_examples, write_cached_examples
 from flux_jax.errors import ConfigError
 from flux_jax.model.config import preset
 from flux_jax.run_config import load_config
+from flux_jax.sampling.images import read_png_text
+from flux_jax.sharding import batch_sharding
 from flux_jax.train.loop import TrainResult, setup
 from flux_jax.train.step import STEP_KEYS, eval_loss
 from flux_jax.train.validation import MARKER, SAMPLES_DIR
@@ -62,8 +68,25 @@ def config(out: Path, *overrides: str):
     return load_config(TINY, [f"output_dir={out}", *COMMON, *overrides])
 
 
-def validation_args(heldout: Path, *extra: str) -> list[str]:
-    return [f"validation.every={EVERY}", f"validation.loss_cache={heldout}", *extra]
+PROMPTS = ["a red cat", "a blue dog"]
+SEEDS = [0, 5]
+SIZE = 32
+
+
+def validation_args(heldout: Path | None, *extra: str) -> list[str]:
+    """Validation every 4 steps: 2 prompts x 2 seeds at 32 x 32 px in 2 steps (one sampler call of 4 images), the
+    encoders in fp32 like the tiny run, and the held-out loss when ``heldout`` is given."""
+    return [
+        f"validation.every={EVERY}",
+        f"validation.prompts={PROMPTS}",
+        f"validation.seeds={SEEDS}",
+        f"validation.width={SIZE}",
+        f"validation.height={SIZE}",
+        "validation.steps=2",
+        "encoders.dtype=fp32",
+        *([f"validation.loss_cache={heldout}"] if heldout is not None else []),
+        *extra,
+    ]
 
 
 def run(cfg, hooks=()) -> tuple[TrainResult, object]:
@@ -123,13 +146,14 @@ def test_a_hook_runs_at_step_0_every_n_steps_and_at_the_last_step(reference):
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory, heldout):
-    """The same run with validation on (loss only here) and a slow hook at the validation steps."""
+    """The same run with validation on (pictures, loss, TensorBoard) and a slow hook at the validation steps."""
     out = tmp_path_factory.mktemp("validated")
 
     def slow(step, state):
         time.sleep(SLOW)
 
-    result, trainer = run(config(out, *validation_args(heldout)), hooks=[(slow, EVERY)])
+    cfg = config(out, *validation_args(heldout), "log.tensorboard=true")
+    result, trainer = run(cfg, hooks=[(slow, EVERY)])
     return out, result, trainer
 
 
@@ -145,9 +169,19 @@ def test_validation_does_not_change_the_lora_bit_for_bit(reference, validated):
     assert validated[1].last_loss == reference[1].last_loss
 
 
-def test_validation_runs_at_step_0_and_every_n_steps_with_its_time_apart(validated):
+def images_of(out: Path, step: int) -> dict[tuple[int, int], np.ndarray]:
+    return {
+        (i, seed): np.asarray(Image.open(out / SAMPLES_DIR / str(step) / f"{i}_seed{seed}.png"))
+        for i in range(len(PROMPTS))
+        for seed in SEEDS
+    }
+
+
+def test_validation_runs_at_step_0_and_every_n_steps_with_its_time_apart(validated, heldout):
     out, _, trainer = validated
-    assert validation_of(trainer).runs == VALIDATED
+    validation = validation_of(trainer)
+    assert validation.runs == VALIDATED
+    assert validation.sampler.traces == 1  # one compile of the denoising loop for every validation step
     assert marker_steps(out) == VALIDATED
     vals = validation_records(out)
     assert [r["step"] for r in vals] == VALIDATED
@@ -159,6 +193,77 @@ def test_validation_runs_at_step_0_and_every_n_steps_with_its_time_apart(validat
     assert step_time[5] is not None and step_time[5] < SLOW, step_time
     marker = json.loads((out / SAMPLES_DIR / "4" / MARKER).read_text())
     assert marker["step"] == 4 and marker["val_loss"] == vals[1]["val_loss"]
+    assert marker["prompts"] == PROMPTS
+    assert marker["images"] == [f"{i}_seed{s}.png" for i in range(len(PROMPTS)) for s in SEEDS]
+    assert marker["settings"] == {
+        "base": "random:tiny", "width": SIZE, "height": SIZE, "steps": 2, "guidance": 3.5, "cfg": 1.0,
+        "negative": "", "lora_scale": 1.0, "match": "diffusers", "loss_cache": str(heldout),
+        "loss_batches": 1, "loss_seed": 0,
+    }  # fmt: skip
+
+
+def test_each_validation_step_writes_pngs_with_their_settings_and_a_prompts_by_seeds_grid(validated):
+    out, _, _ = validated
+    for step in VALIDATED:
+        images = images_of(out, step)
+        for (i, seed), image in images.items():
+            assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+            text = read_png_text(out / SAMPLES_DIR / str(step) / f"{i}_seed{seed}.png")
+            assert (text["prompt"], text["seed"], text["step"]) == (PROMPTS[i], str(seed), str(step))
+            assert (text["steps"], text["guidance"], text["cfg"], text["match"]) == ("2", "3.5", "1.0", "diffusers")
+            assert text["base"] == "random:tiny" and text["lora_scale"] == "1.0"
+        tiles = np.asarray(Image.open(out / SAMPLES_DIR / str(step) / "grid.png"))
+        pitch = SIZE + 2  # 2 px of black between tiles
+        assert tiles.shape == (2 * SIZE + 2, 2 * SIZE + 2, 3)
+        for (i, seed), image in images.items():  # prompts down, seeds across
+            r, c = i * pitch, SEEDS.index(seed) * pitch
+            np.testing.assert_array_equal(tiles[r : r + SIZE, c : c + SIZE], image)
+        # Different seeds are different noise, and the prompts condition the picture.
+        assert not np.array_equal(images[(0, SEEDS[0])], images[(0, SEEDS[1])])
+        assert not np.array_equal(images[(0, SEEDS[0])], images[(1, SEEDS[0])])
+    # The LoRA moves the pictures as it trains (step 0 is the base's: the adapters start at zero).
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(images_of(out, 0).values(), images_of(out, STEPS).values(), strict=True)
+    )
+
+
+def tensorboard_events(out: Path) -> list:
+    """Every Event of the run's TensorBoard files, read straight from the TFRecord framing (length, CRC, data,
+    CRC) with tensorboardX's Event proto: no TensorFlow import needed."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted((out / "tensorboard").glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            events.append(Event.FromString(data[pos + 12 : pos + 12 + length]))
+            pos += 12 + length + 4
+    return events
+
+
+def test_tensorboard_events_hold_the_images_and_the_validation_scalars(validated):
+    out, _, _ = validated
+    events = tensorboard_events(out)
+    images: dict[tuple[str, int], np.ndarray] = {}
+    scalars: dict[tuple[str, int], float] = {}
+    for event in events:
+        for value in event.summary.value:
+            if value.HasField("image"):
+                images[(value.tag, event.step)] = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+            elif value.HasField("simple_value"):
+                scalars[(value.tag, event.step)] = value.simple_value
+    want = {(f"samples/{i}_seed{seed}", step) for step in VALIDATED for i in range(len(PROMPTS)) for seed in SEEDS}
+    assert set(images) == want
+    for step in VALIDATED:  # the very pixels of the PNG files
+        for (i, seed), image in images_of(out, step).items():
+            np.testing.assert_array_equal(images[(f"samples/{i}_seed{seed}", step)], image)
+    vals = {r["step"]: r["val_loss"] for r in validation_records(out)}
+    for step in VALIDATED:
+        assert scalars[("validation/val_loss", step)] == pytest.approx(vals[step], rel=1e-6)
+        assert ("validation/validation_time", step) in scalars
+    assert ("train/loss", STEPS) in scalars
 
 
 def test_validation_loss_is_eval_loss_at_fixed_noise_and_timesteps(validated, heldout):
@@ -170,12 +275,11 @@ def test_validation_loss_is_eval_loss_at_fixed_noise_and_timesteps(validated, he
     # fold_in(fold_in(key(0), batch 0), i), for the final LoRA.
     source = CachedExamples(heldout)
     batch = next(BatchIterator(source, batch_size=8, seed=0))
-    batch = {k: jax.numpy.asarray(v) for k, v in batch.items() if k in STEP_KEYS}
+    sharding = batch_sharding(trainer.mesh)  # placed as the hook places it: the same program, compiled once
+    batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k in STEP_KEYS}
     c = trainer.step
-    want = eval_loss(
-        c.graphdef, c.template, trainer.frozen, result.state.lora, batch, jax.random.fold_in(jax.random.key(0), 0),
-        objective=c.objective,
-    )  # fmt: skip
+    loss = jax.jit(functools.partial(eval_loss, c.graphdef, c.template, objective=c.objective))
+    want = loss(trainer.frozen, result.state.lora, batch, jax.random.fold_in(jax.random.key(0), 0))
     assert vals[STEPS] == pytest.approx(float(want), rel=1e-5)
 
 

@@ -43,6 +43,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax import __version__
 from flux_jax.axes import Rules
 from flux_jax.data.encoding import resolve_encoder_paths
 from flux_jax.data.examples import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource
@@ -64,6 +65,7 @@ from flux_jax.train.step import STEP_KEYS, eval_loss
 
 log = logging.getLogger(__name__)
 
+SOFTWARE = f"flux-jax {__version__}"
 SAMPLES_DIR = "samples"
 MARKER = "validation.json"
 GRID = "grid.png"
@@ -267,11 +269,22 @@ class _Call:
     real: int
     """How many of ``pairs`` are wanted (the rest pad the batch)."""
     prompts: TextConditioning
+    negative: TextConditioning | None
+    """Each row's negative prompt (true CFG), at its prompt's T5 length."""
     noise: np.ndarray
 
 
+def _stack(texts: Sequence[TextConditioning]) -> TextConditioning:
+    return TextConditioning(t5=jnp.concatenate([t.t5 for t in texts]), clip=jnp.concatenate([t.clip for t in texts]))
+
+
 def _calls(
-    sampler: FluxSampler, texts: Sequence[TextConditioning], seeds: Sequence[int], settings: SampleSettings, batch: int
+    sampler: FluxSampler,
+    texts: Sequence[TextConditioning],
+    negatives: Sequence[TextConditioning] | None,
+    seeds: Sequence[int],
+    settings: SampleSettings,
+    batch: int,
 ) -> list[_Call]:
     """Group every (prompt, seed) into calls of ``batch`` images whose prompts have the same T5 length."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
@@ -284,12 +297,15 @@ def _calls(
         for start in range(0, len(pairs), batch):
             chunk = pairs[start : start + batch]
             padded = tuple(chunk + [chunk[-1]] * (batch - len(chunk))) if len(pairs) > batch else tuple(chunk)
-            conditioning = TextConditioning(
-                t5=jnp.concatenate([texts[i].t5 for i, _ in padded]),
-                clip=jnp.concatenate([texts[i].clip for i, _ in padded]),
+            calls.append(
+                _Call(
+                    pairs=padded,
+                    real=len(chunk),
+                    prompts=_stack([texts[i] for i, _ in padded]),
+                    negative=None if negatives is None else _stack([negatives[i] for i, _ in padded]),
+                    noise=np.concatenate([noise[seed] for _, seed in padded]),
+                )
             )
-            stacked = np.concatenate([noise[seed] for _, seed in padded])
-            calls.append(_Call(pairs=padded, real=len(chunk), prompts=conditioning, noise=stacked))
     return calls
 
 
@@ -307,7 +323,7 @@ class Validation:
         prompts: Sequence[str] = (),
         sampler: FluxSampler | None = None,
         texts: Sequence[TextConditioning] = (),
-        negative: TextConditioning | None = None,
+        negatives: Sequence[TextConditioning] | None = None,
         settings: SampleSettings | None = None,
         base_name: str = "",
         loss: HeldOutLoss | None = None,
@@ -319,12 +335,13 @@ class Validation:
         self.frozen = frozen
         self.prompts = tuple(prompts)
         self.sampler = sampler
-        self.negative = negative
         self.settings = settings
         self.base_name = base_name
         self.loss = loss
         self.calls = (
-            _calls(sampler, texts, config.seeds, settings, config.batch) if sampler is not None and settings else []
+            _calls(sampler, texts, negatives, config.seeds, settings, config.batch)
+            if sampler is not None and settings
+            else []
         )
         self.writes = jax.process_index() == 0
         self.runs: list[int] = []
@@ -388,22 +405,36 @@ class Validation:
         images: dict[tuple[int, int], np.ndarray] = {}
         for call in self.calls:
             settings = dataclasses.replace(self.settings, seed=call.pairs[0][1])
-            got = self.sampler.images(call.prompts, settings, negative=self.negative, noise=call.noise, extra=extra)
+            got = self.sampler.images(call.prompts, settings, negative=call.negative, noise=call.noise, extra=extra)
             for pair, image in zip(call.pairs[: call.real], got[: call.real], strict=True):
                 images[pair] = np.asarray(image)
         seeds = self.config.seeds
         ordered = [(i, seed) for i in range(len(self.prompts)) for seed in seeds]
         names = [image_name(i, seed) for i, seed in ordered]
         if self.writes:
+            settings = {k: str(v) for k, v in self.describe().items() if not k.startswith("loss_")}
             for (i, seed), name in zip(ordered, names, strict=True):
-                text = {"prompt": self.prompts[i], "seed": str(seed), "step": str(step)}
-                text["settings"] = json.dumps(self.describe())
-                write_png(out / name, images[(i, seed)], text)
-            write_png(out / GRID, grid([images[p] for p in ordered], columns=len(seeds)), {"step": str(step)})
+                text = {"prompt": self.prompts[i], "seed": str(seed), "step": str(step), **settings}
+                write_png(out / name, images[(i, seed)], {**text, "Software": SOFTWARE})
+            pictures = grid([images[p] for p in ordered], columns=len(seeds))
+            write_png(out / GRID, pictures, {"step": str(step), **settings, "Software": SOFTWARE})
         self.metrics.add_images(
             step, {f"samples/{name.removesuffix('.png')}": images[p] for p, name in zip(ordered, names, strict=True)}
         )
         return names
+
+
+def _lora_sampler(
+    graphdef: nnx.GraphDef, params: Sequence[nnx.State], template: nnx.State, vae: Any, **kwargs: Any
+) -> FluxSampler:
+    """A sampler over ``params`` whose LoRA values come with each call (``extra``).
+
+    FluxSampler's constructor reads the model's config by merging ``graphdef`` with ``params`` alone, which needs
+    every variable; the adapters' shapes (``template``) complete them there, and only ``params`` are kept.
+    """
+    sampler = FluxSampler(graphdef, (*params, template), vae, **kwargs)
+    sampler.params = tuple(params)
+    return sampler
 
 
 def build_validation(
@@ -423,7 +454,7 @@ def build_validation(
     encoders freed), the VAE and the sampler placed on ``mesh``, the held-out batches read."""
     v = cfg.validation
     run_dir = run_path(cfg.output_dir)
-    sampler, texts, negative, settings = None, [], None, None
+    sampler, texts, negatives, settings = None, [], None, None
     base_name = inputs.base or cfg.model.base or f"random:{cfg.model.preset}"
     if inputs.prompts:
         settings = SampleSettings(
@@ -437,10 +468,14 @@ def build_validation(
             paths, _ = resolve_encoder_paths(cfg, Path(demo_dir))
             encoder = PromptEncoder.load(paths, mesh=mesh, dtype=cfg.encoders.dtype)
             schnell = not model_cfg.guidance_embed
-            # One prompt at a time, as a tool encodes a single prompt (ComfyUI pads T5 to the prompt's length).
-            texts = [encoder.encode([p], match=v.match, schnell=schnell) for p in inputs.prompts]
-            if v.cfg > 1.0:
-                negative = encoder.encode([v.negative], match=v.match, schnell=schnell)
+            # One prompt at a time, as a tool encodes a single prompt (ComfyUI pads T5 to the prompt's length),
+            # with the negative prompt at the same length when true CFG needs it.
+            negative = v.negative if v.cfg > 1.0 else None
+            pairs = [
+                encoder.encode_with_negative([p], negative, match=v.match, schnell=schnell) for p in inputs.prompts
+            ]
+            texts = [text for text, _ in pairs]
+            negatives = [neg for _, neg in pairs] if negative is not None else None
             widths = (int(texts[0].t5.shape[-1]), int(texts[0].clip.shape[-1]))
             if widths != (model_cfg.context_in_dim, model_cfg.vec_in_dim):
                 raise ConfigError(
@@ -460,7 +495,9 @@ def build_validation(
         else:
             params = (frozen,)
         sampling_def = sampling_graphdef(graphdef, (template, *params), lora_scale=v.lora_scale)
-        sampler = FluxSampler(sampling_def, params, vae, mesh=mesh, rules=rules, dtype=cfg.model.compute_dtype)
+        sampler = _lora_sampler(
+            sampling_def, params, template, vae, mesh=mesh, rules=rules, dtype=cfg.model.compute_dtype
+        )
     loss = None
     if inputs.loss_source is not None:
         check_fits(inputs.loss_source, model_cfg)
@@ -483,7 +520,7 @@ def build_validation(
         prompts=inputs.prompts,
         sampler=sampler,
         texts=texts,
-        negative=negative,
+        negatives=negatives,
         settings=settings,
         base_name=base_name,
         loss=loss,

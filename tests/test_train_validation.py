@@ -5,32 +5,49 @@ trained LoRA on it, and bad settings name their key."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
 import logging
 import signal
+import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
 from PIL import Image
 
+from flux_jax.data.encoding import resolve_encoder_paths
 from flux_jax.data.examples import BatchIterator, CachedExamples, synthetic_examples, write_cached_examples
-from flux_jax.errors import ConfigError
-from flux_jax.model.config import preset
-from flux_jax.run_config import load_config
+from flux_jax.dtypes import FP8
+from flux_jax.errors import CheckpointError, ConfigError, DataError
+from flux_jax.model.config import FluxConfig, preset
+from flux_jax.model.flux import Flux
+from flux_jax.model.lora import lora_modules, remove_lora
+from flux_jax.run_config import ModelConfig, load_config
 from flux_jax.sampling.images import read_png_text
+from flux_jax.sampling.loading import load_transformer, load_vae_for
+from flux_jax.sampling.prompts import PromptEncoder
+from flux_jax.sampling.sampler import FluxSampler, SampleSettings
 from flux_jax.sharding import batch_sharding
+from flux_jax.train.build import Adapters, lora_model
 from flux_jax.train.loop import TrainResult, setup
+from flux_jax.train.state import split_trainable
 from flux_jax.train.step import STEP_KEYS, eval_loss
-from flux_jax.train.validation import MARKER, SAMPLES_DIR
-from tests.helpers.compile_cache import persistent_compile_cache
+from flux_jax.train.validation import MARKER, SAMPLES_DIR, sampling_graphdef
+from flux_jax.weights.writers import write_flux_bfl
+from tests.helpers.compile_cache import child_env, persistent_compile_cache
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
 STEPS, EVERY = 8, 4
 VALIDATED = [0, 4, 8]
 # data=2 x fsdp=4 as in test_train_loop.py / test_train_resume.py: the same train step, compiled once per session.
@@ -333,6 +350,216 @@ def test_stopped_and_killed_runs_continue_the_validation_schedule_exactly(tmp_pa
 
 
 # --------------------------------------------------------------------------------------------------
+# Another base
+
+
+def random_base(config: FluxConfig, seed: int) -> Flux:
+    """A random Flux of ``config`` (fp32) with numpy weights: building it with jax.random costs a compile."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Flux(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    flat = {
+        path: var.replace(jax.numpy.asarray(0.1 * rng.standard_normal(var.shape), var.dtype))
+        for path, var in nnx.to_flat_state(abstract)
+    }
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory) -> Path:
+    """A second tiny random base, written as a BFL single file like a downloaded Flux.1-dev."""
+    return write_flux_bfl(random_base(preset("tiny"), seed=11), tmp_path_factory.mktemp("other") / "other.safetensors")
+
+
+def sample_alone(base: Path, cfg, mesh, tmp_path: Path) -> dict[tuple[int, int], np.ndarray]:
+    """The pictures of ``base`` with no LoRA, drawn by the sampler alone: each prompt and seed on its own."""
+    paths, _ = resolve_encoder_paths(cfg, tmp_path / "encoders")
+    encoder = PromptEncoder.load(paths, mesh=mesh, dtype="fp32")
+    model = load_transformer(str(base), dtype="fp8", compute_dtype="fp32", mesh=mesh)
+    sampler = FluxSampler.from_model(model, load_vae_for(paths, dtype="fp32", mesh=mesh), mesh=mesh, dtype="fp32")
+    out = {}
+    for i, prompt in enumerate(PROMPTS):
+        text = encoder.encode([prompt])
+        for seed in SEEDS:
+            settings = SampleSettings(width=SIZE, height=SIZE, steps=2, guidance=3.5, cfg=1.0, seed=seed)
+            out[(i, seed)] = sampler.images(text, settings)[0]
+    return out
+
+
+def test_validation_on_another_base_samples_it_with_the_lora_and_trains_the_same(
+    tmp_path, other_base, reference, validated
+):
+    out = tmp_path / "run"
+    # base_dtype fp8, the default: the other base's kernels are stored float8 (the training base stays fp32).
+    cfg = config(out, *validation_args(None, f"validation.base={other_base}"))
+    assert cfg.validation.base_dtype == "fp8"
+    result, trainer = run(cfg)
+    want = host_lora(reference[1])
+    for k, v in host_lora(result).items():  # training did not change
+        np.testing.assert_array_equal(v, want[k], err_msg=k)
+    assert marker_steps(out) == VALIDATED
+    assert json.loads((out / SAMPLES_DIR / "0" / MARKER).read_text())["settings"]["base"] == str(other_base)
+    sampler = validation_of(trainer).sampler
+    kernel = sampler.params[0]["double_blocks"]["img_attn"]["qkv"]["kernel"].get_value()
+    assert kernel.dtype == FP8 and kernel.sharding.spec == PartitionSpec(None, "fsdp", "tensor")  # sharded as trained
+    # Step 0 (the adapters are still zero): exactly the other base's own pictures, not the training base's.
+    before = images_of(out, 0)
+    alone = sample_alone(other_base, cfg, trainer.mesh, tmp_path)
+    training_base = images_of(validated[0], 0)
+    for key, image in before.items():
+        np.testing.assert_array_equal(image, alone[key], err_msg=str(key))
+        assert np.abs(image.astype(int) - training_base[key]).mean() > 10, key
+    # The trained LoRA is on it: the pictures move from step 0 to the last step.
+    after = images_of(out, STEPS)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_lora_scale_multiplies_the_adapters_in_the_sampling_copy_only():
+    m = preset("tiny")
+    model_cfg = ModelConfig(base_dtype="fp32", compute_dtype="fp32")
+    # Shapes only, then random weights from numpy (compiling the random init costs more than this whole test); a
+    # nonzero B, so the adapters change the output. Masks are 1: every block trains.
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: lora_model(m, model_cfg, Adapters(4, 8.0, "all_blocks", None, "fp32"), seed=0)[0])
+    )
+    rng = np.random.default_rng(0)
+
+    def fill(path, var):
+        value = np.ones(var.shape) if path[-1] == "mask" else 0.1 * rng.standard_normal(var.shape)
+        return var.replace(jax.numpy.asarray(value, var.dtype))
+
+    state = nnx.from_flat_state({path: fill(path, var) for path, var in nnx.to_flat_state(abstract)})
+    graphdef, lora, rest = split_trainable(nnx.merge(graphdef, state))
+    keys = jax.random.split(jax.random.key(1), 3)
+    inputs = (
+        jax.random.normal(keys[0], (1, 16, m.in_channels)),  # img: 4 x 4 tokens
+        jax.numpy.zeros((16, 3)),
+        jax.random.normal(keys[1], (1, 8, m.context_in_dim)),  # txt
+        jax.numpy.zeros((8, 3)),
+        jax.numpy.full((1,), 0.5),  # t
+        jax.random.normal(keys[2], (1, m.vec_in_dim)),  # y
+        jax.numpy.full((1,), 3.5),  # guidance
+    )
+
+    def velocity(graph) -> np.ndarray:
+        return np.asarray(jax.jit(lambda lo, re: nnx.merge(graph, lo, re)(*inputs))(lora, rest))
+
+    def alphas(graph) -> set[float]:
+        return {linear.lora.alpha for _, linear in lora_modules(nnx.merge(graph, lora, rest))}
+
+    scaled = {s: sampling_graphdef(graphdef, (lora, rest), lora_scale=s) for s in (0.0, 1.0, 2.0)}
+    assert [alphas(scaled[s]) for s in (0.0, 1.0, 2.0)] == [{0.0}, {8.0}, {16.0}]
+    assert alphas(graphdef) == {8.0}  # the trainer's graphdef is untouched
+    base = nnx.merge(graphdef, lora, rest)
+    remove_lora(base)
+    alone = np.asarray(jax.jit(lambda st: nnx.merge(nnx.graphdef(base), st)(*inputs))(nnx.state(base)))
+    np.testing.assert_array_equal(velocity(scaled[0.0]), alone)  # scale 0: the base alone
+    np.testing.assert_array_equal(velocity(scaled[1.0]), velocity(graphdef))  # scale 1: the trained LoRA as is
+    assert np.abs(velocity(scaled[1.0]) - velocity(scaled[0.0])).max() > 1e-3  # and the adapters do something
+
+
+# --------------------------------------------------------------------------------------------------
+# A run directory in a bucket (the local GCS server of tests/helpers/fake_gcs.py, as in test_remote_run_dir.py)
+
+BUCKET = "flux-jax-validation"
+
+
+@pytest.fixture(scope="module")
+def gcs_env(tmp_path_factory) -> dict[str, str]:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "fake_gcs.py"), str(port), BUCKET],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("localhost", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the fake GCS server did not start") from None
+            time.sleep(0.1)
+    url = f"http://localhost:{port}"
+    yield child_env(
+        tmp_path_factory.getbasetemp() / "train-xla-cache",  # what this module's in-process runs compiled
+        EPATH_USE_TF="false",
+        STORAGE_EMULATOR_HOST=url,
+        TENSORSTORE_GCS_HTTP_URL=url,
+        GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
+        GOOGLE_CLOUD_PROJECT="test",
+    )
+    server.terminate()
+    server.wait(timeout=30)
+
+
+# Run in a child with the emulator's environment: the run's sample files, markers, metrics and TensorBoard files.
+READ_SAMPLES = """
+import io, json, sys
+import numpy as np
+from etils import epath
+from PIL import Image
+
+root = epath.Path(sys.argv[1])
+samples = root / "samples"
+files = sorted(f"{d.name}/{f.name}" for d in samples.iterdir() for f in d.iterdir())
+markers = {d.name: json.loads((d / "validation.json").read_text()) for d in samples.iterdir()}
+pixels = {name: np.asarray(Image.open(io.BytesIO((samples / name).read_bytes()))).tolist()
+          for name in files if name.endswith("seed0.png")}
+metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+events = [p.name for p in (root / "tensorboard").iterdir()]
+print(json.dumps({"files": files, "markers": markers, "pixels": pixels, "metrics": metrics, "events": events}))
+"""
+
+
+def test_validation_writes_to_a_gs_run_dir_and_resumes_there(gcs_env, heldout, validated):
+    run = f"gs://{BUCKET}/runs/validated"
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "flux_jax.cli", "train", "--config", str(TINY), f"output_dir={run}", *COMMON,
+               f"train.steps={steps}", "log.tensorboard=true", *validation_args(heldout), "--no-progress"]  # fmt: skip
+        done = subprocess.run(cmd, env=gcs_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = train(EVERY)  # validates 0 and 4
+    assert "validation at step 4" in first.stderr
+    second = train(STEPS)  # resumes at 4: validated there already (the marker is in the bucket), then 8
+    assert "resuming from" in second.stderr and "validation at step 4" not in second.stderr, second.stderr[-3000:]
+    assert "validation at step 8" in second.stderr
+    done = subprocess.run([sys.executable, "-c", READ_SAMPLES, run], env=gcs_env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    names = sorted(f"{i}_seed{s}.png" for i in range(len(PROMPTS)) for s in SEEDS) + ["grid.png", MARKER]
+    assert got["files"] == sorted(f"{step}/{name}" for step in map(str, VALIDATED) for name in names)
+    assert sorted(int(k) for k in got["markers"]) == VALIDATED
+    assert [r["step"] for r in got["metrics"] if "validation_time" in r] == VALIDATED
+    assert any(name.startswith("events.out.tfevents") for name in got["events"])
+    local = images_of(validated[0], 0)  # the same run in a local directory: the same pictures
+    for i in range(len(PROMPTS)):
+        np.testing.assert_array_equal(np.asarray(got["pixels"][f"0/{i}_seed0.png"], np.uint8), local[(i, 0)])
+
+
+def test_another_base_of_another_architecture_is_refused_before_it_is_loaded(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    wider = dataclasses.replace(preset("tiny"), depth=1, hidden_size=96, num_heads=4, axes_dim=(8, 8, 8))
+    base = write_flux_bfl(random_base(wider, seed=0), tmp_path / "wider.safetensors")
+    cfg = config(tmp_path / "run", *validation_args(None, f"validation.base={base}"))
+    with pytest.raises(ConfigError) as e:
+        setup(cfg, progress=False)
+    assert e.value.key == "validation.base", str(e.value)
+    assert str(e.value) == (
+        f"validation.base: {base} is another architecture than the training base, so the LoRA does not fit it: "
+        "hidden_size 96 (training base: 64), depth 1 (training base: 2), axes_dim (8, 8, 8) (training base: (4, 6, 6))"
+    )
+    assert "validation: loading base" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
 # Config errors name the key
 
 
@@ -380,6 +607,19 @@ def test_a_missing_prompts_file_or_loss_cache_fails_before_the_model_is_built(tm
         with pytest.raises(ConfigError) as e:
             setup(cfg, progress=False)
         assert e.value.key == key and str(tmp_path / "nope") in str(e.value)
+    (tmp_path / "not-a-cache").mkdir()
+    with pytest.raises(DataError, match=r"validation.loss_cache: .*not-a-cache: no complete cache here"):
+        setup(config(tmp_path / "c", "validation.every=2", f"validation.loss_cache={tmp_path / 'not-a-cache'}"))
+    (tmp_path / "not-a-base.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"^validation.base: .*not-a-base.safetensors"):
+        setup(
+            config(
+                tmp_path / "b",
+                "validation.every=2",
+                "validation.prompts=['a']",
+                f"validation.base={tmp_path / 'not-a-base.safetensors'}",
+            )
+        )
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(ConfigError, match="holds no prompts"):
         setup(config(tmp_path / "e", "validation.every=2", f"validation.prompts_file={tmp_path / 'empty.txt'}"))

@@ -39,8 +39,8 @@ def useful_flops_per_sample(cfg: FluxConfig, img_tokens: int, txt_tokens: int) -
 
 
 class MetricsWriter:
-    """Appends one JSON record per logged step to ``metrics.jsonl`` and mirrors scalars (and validation images) to
-    TensorBoard.
+    """Appends one JSON record per logged step to ``metrics.jsonl`` (and one per validated step, with the validation
+    keys) and mirrors scalars and validation images to TensorBoard.
 
     Only process 0 writes. On resume, records past the resumed step (written after the last checkpoint of a
     run that was killed) are dropped first, so the file holds each step once.

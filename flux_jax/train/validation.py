@@ -45,10 +45,11 @@ from jax.sharding import Mesh
 
 from flux_jax import __version__
 from flux_jax.axes import Rules
+from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.data.encoding import resolve_encoder_paths
 from flux_jax.data.examples import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource
 from flux_jax.data.inputs import check_fits
-from flux_jax.errors import ConfigError, DataError, FluxJaxError
+from flux_jax.errors import CheckpointError, ConfigError, DataError, FluxJaxError
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.lora import LoRADropoutKey, LoRAMask, lora_modules, set_lora_training
 from flux_jax.run_config import RunConfig, ValidationConfig
@@ -62,6 +63,7 @@ from flux_jax.train.metrics import MetricsWriter
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import TrainState, unflatten
 from flux_jax.train.step import STEP_KEYS, eval_loss
+from flux_jax.weights.checkpoint import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class ValidationInputs:
     prompts: tuple[str, ...]
     base: str
     """The transformer checkpoint to sample; "" = the training base."""
+    base_config: FluxConfig | None
+    """Its architecture (read from the checkpoint's header; the weights are loaded once the trainer is built)."""
     loss_source: ExampleSource | None
 
 
@@ -110,30 +114,37 @@ def read_prompts(v: ValidationConfig) -> tuple[str, ...]:
     path = epath.Path(v.prompts_file)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"validation.prompts_file: cannot read {path}: {e}", key="validation.prompts_file") from None
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        raise ConfigError(f"validation.prompts_file: {path}: {problem}", key="validation.prompts_file") from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(
+            f"validation.prompts_file: cannot read {path} ({reason})", key="validation.prompts_file"
+        ) from None
     prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise ConfigError(f"validation.prompts_file: {path} holds no prompts", key="validation.prompts_file")
     return prompts
 
 
-def _transformer_path(base: str) -> str:
-    """``validation.base`` as a transformer checkpoint: a FLUX.1 pipeline directory's transformer/, or itself."""
-    if not base:
-        return ""
-    path = epath.Path(base)
+def open_base(base: str) -> tuple[str, FluxConfig]:
+    """``validation.base`` as a transformer checkpoint (a FLUX.1 pipeline directory's transformer/, or itself) and
+    its architecture; a missing or unreadable checkpoint is an error naming the key. Reads no weights."""
+    path = Path(base)
     if not path.exists():
         raise ConfigError(f"validation.base: {base} does not exist", key="validation.base")
     if (path / "transformer").is_dir():
-        return str(path / "transformer")
-    return base
+        path = path / "transformer"
+    try:
+        with open_checkpoint(path) as ckpt:
+            return str(path), ckpt.config
+    except CheckpointError as e:
+        raise CheckpointError(f"validation.base: {e}") from None
 
 
 def open_loss_source(path: str) -> ExampleSource:
     """A held-out set: cached examples (index.json) or a `flux-jax cache` latent cache (cache.json)."""
-    from flux_jax.data.cache_reader import LatentCacheReader
-
     if not Path(path).is_dir():
         raise ConfigError(f"validation.loss_cache: {path} is not a directory", key="validation.loss_cache")
     try:
@@ -150,8 +161,9 @@ def check_validation(cfg: RunConfig) -> ValidationInputs | None:
     if not v.enabled:
         return None
     prompts = read_prompts(v)
+    base, base_config = open_base(v.base) if v.base else ("", None)
     loss_source = open_loss_source(v.loss_cache) if v.loss_cache else None
-    return ValidationInputs(prompts=prompts, base=_transformer_path(v.base), loss_source=loss_source)
+    return ValidationInputs(prompts=prompts, base=base, base_config=base_config, loss_source=loss_source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,11 +190,27 @@ def _leaf_shapes(state: nnx.State) -> dict[tuple, tuple[int, ...]]:
     return {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
 
 
+def check_same_architecture(path: str, config: FluxConfig, model_cfg: FluxConfig) -> None:
+    """The LoRA fits ``validation.base`` only if it is the training base's architecture."""
+    if config == model_cfg:
+        return
+    diffs = [
+        f"{f.name} {getattr(config, f.name)!r} (training base: {getattr(model_cfg, f.name)!r})"
+        for f in dataclasses.fields(model_cfg)
+        if getattr(config, f.name) != getattr(model_cfg, f.name)
+    ]
+    raise ConfigError(
+        f"validation.base: {path} is another architecture than the training base, so the LoRA does not fit it: "
+        + ", ".join(diffs),
+        key="validation.base",
+    )
+
+
 def other_base_params(
-    path: str, *, frozen: nnx.State, model_cfg: FluxConfig, cfg: RunConfig, mesh: Mesh, rules: Rules
+    path: str, *, frozen: nnx.State, cfg: RunConfig, mesh: Mesh, rules: Rules
 ) -> tuple[nnx.State, nnx.State]:
     """(the other base's weights, the adapters' frozen variables): the ``params`` of a sampler under the trainer's
-    graphdef. The checkpoint must be the training base's architecture (the LoRA must fit it)."""
+    graphdef, which must be of the same architecture (``check_same_architecture``)."""
     v = cfg.validation
     log.info("validation: loading base %s as %s", path, v.base_dtype)
     model = load_transformer(
@@ -193,17 +221,6 @@ def other_base_params(
         rules=rules,
         attention=cfg.model.attention,
     )
-    if model.config != model_cfg:
-        diffs = [
-            f"{f.name} {getattr(model.config, f.name)!r} (training base: {getattr(model_cfg, f.name)!r})"
-            for f in dataclasses.fields(model_cfg)
-            if getattr(model.config, f.name) != getattr(model_cfg, f.name)
-        ]
-        raise ConfigError(
-            f"validation.base: {path} is another architecture than the training base, so the LoRA does not fit "
-            f"it: {', '.join(diffs)}",
-            key="validation.base",
-        )
     weights = nnx.state(model)
     del model
     adapter_vars, base_part = nnx.split_state(frozen, nnx.Any(LoRAMask, LoRADropoutKey), ...)
@@ -454,6 +471,8 @@ def build_validation(
     encoders freed), the VAE and the sampler placed on ``mesh``, the held-out batches read."""
     v = cfg.validation
     run_dir = run_path(cfg.output_dir)
+    if inputs.base_config is not None:  # before anything is loaded for validation
+        check_same_architecture(inputs.base, inputs.base_config, model_cfg)
     sampler, texts, negatives, settings = None, [], None, None
     base_name = inputs.base or cfg.model.base or f"random:{cfg.model.preset}"
     if inputs.prompts:
@@ -488,9 +507,7 @@ def build_validation(
             gc.collect()
             vae = load_vae_for(paths, dtype=cfg.encoders.dtype, mesh=mesh)
         if inputs.base:
-            weights, adapter_vars = other_base_params(
-                inputs.base, frozen=frozen, model_cfg=model_cfg, cfg=cfg, mesh=mesh, rules=rules
-            )
+            weights, adapter_vars = other_base_params(inputs.base, frozen=frozen, cfg=cfg, mesh=mesh, rules=rules)
             params: tuple[nnx.State, ...] = (weights, adapter_vars)
         else:
             params = (frozen,)

@@ -145,15 +145,13 @@ def denoise(
     return constrain(x, (None, None, None))  # replicated: every host reads the whole result
 
 
-def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, *, config: VAEConfig, match: str, latents_dtype
-) -> jax.Array:
-    """Latents [B, h, w, C] (float32) -> the VAE's output [B, H, W, 3] in about [-1, 1] (float32)."""
+def decode(graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, *, config: VAEConfig, unscale_dtype) -> jax.Array:
+    """Latents [B, h, w, C] (float32) -> the VAE's output [B, H, W, 3] in about [-1, 1] (float32).
+
+    ``unscale_dtype``: where ``z / scale + shift`` is computed (diffusers: the pipeline dtype; BFL, ComfyUI: f32).
+    """
     decoder = nnx.merge(graphdef, params)
-    if match == "diffusers":  # latents / scale + shift in the pipeline dtype
-        z = denormalize_latents(z.astype(latents_dtype), config)
-    else:  # BFL and ComfyUI un-scale in float32
-        z = denormalize_latents(z, config)
+    z = denormalize_latents(z.astype(unscale_dtype), config)
     x = decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
     return constrain(x, (None, None, None, None))
 
@@ -221,7 +219,7 @@ class FluxSampler:
         self._denoise = jax.jit(traced, static_argnames=("match", "true_cfg"))
         self._decode = jax.jit(
             functools.partial(decode, self._decoder[0], config=self.vae_config),
-            static_argnames=("match", "latents_dtype"),
+            static_argnames=("unscale_dtype",),
         )
 
     @classmethod
@@ -319,7 +317,8 @@ class FluxSampler:
         f = self.vae_config.spatial_factor
         z = unpack_latents(latents, settings.height // f, settings.width // f)
         with use_mesh(self.mesh, self.rules):
-            x = self._decode(self._decoder[1], z, match=settings.match, latents_dtype=DTYPES[self.dtype])
+            unscale = DTYPES[self.dtype] if settings.match == "diffusers" else jnp.float32
+            x = self._decode(self._decoder[1], z, unscale_dtype=unscale)
         return np.asarray(x.addressable_data(0))  # replicated: every host holds all of it
 
     def decode(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:

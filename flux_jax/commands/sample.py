@@ -187,12 +187,11 @@ def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `flux-jax --help` and the other commands need not load JAX.
     from flux_jax.lora_io.combine import combine_loras
     from flux_jax.lora_io.weights import validate
-    from flux_jax.sampling.loading import resolve_base
     from flux_jax.sampling.sampler import SampleSettings
     from flux_jax.train.lora_sources import read_lora
     from flux_jax.weights.checkpoint import open_checkpoint
 
-    base = resolve_base(args.base, args.encoders)  # reads no weights
+    base = _resolve_base(args.base, args.encoders)  # reads no weights
     with open_checkpoint(base.transformer) as checkpoint:  # headers only: the config the LoRAs must fit
         config = checkpoint.config
     weights = []
@@ -225,6 +224,25 @@ def run(args: argparse.Namespace) -> int:
         images = _sample(base, combined, prompts, negative, settings, args.batch, record, tmp, not args.no_progress)
     print(f"wrote {len(images)} image(s), {GRID} and {SIDECAR} to {out}")
     return 0
+
+
+def _resolve_base(base: str, encoders: str | None):
+    """``resolve_base``, except that a directory which is neither a pipeline nor a checkpoint is called that
+    (rather than a transformer checkpoint that lacks --encoders)."""
+    from flux_jax.errors import CheckpointError
+    from flux_jax.sampling.loading import resolve_base
+    from flux_jax.weights.checkpoint import open_checkpoint
+
+    path = pathlib.Path(base)
+    if encoders is None and path.is_dir() and not (path / "transformer").is_dir():
+        try:
+            open_checkpoint(path).close()  # headers only
+        except CheckpointError as e:
+            why = str(e).removeprefix(f"{path}: ")
+            raise CheckpointError(
+                f"{path}: neither a FLUX.1 pipeline directory (no transformer/) nor a transformer checkpoint ({why})"
+            ) from None
+    return resolve_base(base, encoders)
 
 
 def _sample(base, combined, prompts, negative, settings, batch, record, tmp, progress) -> list[dict]:

@@ -210,6 +210,10 @@ def bad_cases(files: dict[str, pathlib.Path], tmp: pathlib.Path) -> dict[str, tu
         "negative cfg": (["--base", pipe, *prompt, "--cfg", "-2"], "--cfg -2.0 must be a positive number"),
         "batch": (["--base", pipe, *prompt, "--batch", "0"], "--batch 0 must be at least 1"),
         "seed": (["--base", pipe, *prompt, "--seed", "-1"], "--seed -1 must be in [0, 2**64 - 1]"),
+        "last seed": (
+            ["--base", pipe, *prompt, "--prompt", "b", "--seed", str(2**64 - 1)],
+            f"--seed {2**64 - 1}: the last batch's seed {2**64} would pass 2**64 - 1",
+        ),
         "non-empty out": (["--base", pipe, *prompt, "--out", str(tmp / "full")], "exists and is not empty"),
     }
 
@@ -230,6 +234,7 @@ CASES = [
     "negative cfg",
     "batch",
     "seed",
+    "last seed",
     "non-empty out",
 ]
 
@@ -427,10 +432,11 @@ def test_batches_use_seed_plus_k_and_the_negative_with_cfg(fake_sampler, files, 
     assert pixels(out / "grid.png").shape == (2 * 48 + 2, 3 * 32 + 2 * 2, 3)  # 5 images: 3 columns
 
 
-def test_no_negative_branch_without_cfg(fake_sampler, files, tmp_path, capsys):
+def test_no_negative_branch_without_cfg(fake_sampler, files, tmp_path, capsys, caplog):
     sample_ok(capsys, "--base", str(files["pipeline"]), "--prompt", "a", "--negative", "ignored", "--out",
               str(tmp_path / "out"), *SIZE)  # fmt: skip
     assert fake_sampler.calls == [(["a"], 0, None)]
+    assert "--negative is used only with true CFG" in caplog.text
     sample_ok(capsys, "--base", str(files["pipeline"]), "--prompt", "a", "--cfg", "2", "--out",
               str(tmp_path / "cfg"), *SIZE)  # fmt: skip
     assert fake_sampler.calls[-1] == (["a"], 0, "")  # true CFG against the empty prompt by default

@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
 from collections.abc import Sequence
 
 from flux_jax.errors import FluxJaxError
+
+log = logging.getLogger(__name__)
 
 HELP = "sample images from a Flux base (+ LoRAs): PNGs carrying their settings, a grid and a JSON sidecar"
 
@@ -182,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora_spec(s) for s in args.lora]
     prompts = read_prompts(args.prompt, args.prompts)
     check_numbers(args)
+    last_seed = args.seed + len(batches(prompts, args.batch)) - 1
+    if last_seed > MAX_SEED:
+        raise FluxJaxError(f"--seed {args.seed}: the last batch's seed {last_seed} would pass 2**64 - 1")
+    if args.negative is not None and args.cfg <= 1:
+        log.warning("--negative is used only with true CFG (--cfg above 1); sampling without it")
     out, replace = check_out(args.out, args.force)
 
     # Imported here, not at the top: `flux-jax --help` and the other commands need not load JAX.
@@ -272,6 +280,7 @@ def _sample(base, combined, prompts, negative, settings, batch, record, tmp, pro
     sampler = FluxSampler.from_model(model, vae, mesh=mesh, dtype=dtype)
 
     version = f"flux-jax {__version__}"
+    digits = max(3, len(str(len(prompts) - 1)))  # file names sort in sampling order
     written: list[dict] = []
     pictures = []
     with tqdm(total=len(prompts), unit="image", desc="sampling", disable=not progress) as bar:
@@ -280,7 +289,7 @@ def _sample(base, combined, prompts, negative, settings, batch, record, tmp, pro
             pixels = sampler.images(cond, batch_settings, negative=uncond)
             for j, (prompt, image) in enumerate(zip(group, pixels, strict=True)):
                 entry = {
-                    "file": f"{len(written):03d}_seed{batch_settings.seed}.png",
+                    "file": f"{len(written):0{digits}d}_seed{batch_settings.seed}.png",
                     "prompt": prompt,
                     "negative": negative if uncond is not None else "",
                     "seed": batch_settings.seed,

@@ -36,7 +36,7 @@ from flux_jax.model.latents import image_ids, pack_latents, unpack_latents
 from flux_jax.sampling import noise as noise_lib
 from flux_jax.sampling import schedules
 from flux_jax.sampling.schedules import MATCHES, Match
-from flux_jax.sharding import use_mesh
+from flux_jax.sharding import constrain, use_mesh
 
 SAMPLE_DTYPES = ("fp32", "bf16")
 
@@ -142,7 +142,7 @@ def denoise(
         return _euler(match, x, v, sigma, sigma_next), None
 
     x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:], timesteps))
-    return x
+    return constrain(x, (None, None, None))  # replicated: every host reads the whole result
 
 
 def decode(
@@ -154,7 +154,8 @@ def decode(
         z = denormalize_latents(z.astype(latents_dtype), config)
     else:  # BFL and ComfyUI un-scale in float32
         z = denormalize_latents(z, config)
-    return decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
+    x = decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
+    return constrain(x, (None, None, None, None))
 
 
 def to_unit(x: np.ndarray) -> np.ndarray:
@@ -209,21 +210,18 @@ class FluxSampler:
         )
         self.rules = rules
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.traces = 0
+        self._traces = 0
 
         def traced(*args, **kwargs):
-            self.traces += 1
-            return denoise(*args, **kwargs)
+            self._traces += 1  # runs only while jax traces
+            return denoise(graphdef, *args, **kwargs)
 
-        self._denoise = jax.jit(
-            functools.partial(traced, graphdef),
-            static_argnames=("match", "true_cfg"),
-            out_shardings=self._replicated,
-        )
+        # One compiled loop per (shapes, steps, match, true CFG) for the life of the sampler: keep one sampler
+        # per model (the CLI's, the trainer's validation) and call it repeatedly.
+        self._denoise = jax.jit(traced, static_argnames=("match", "true_cfg"))
         self._decode = jax.jit(
             functools.partial(decode, self._decoder[0], config=self.vae_config),
             static_argnames=("match", "latents_dtype"),
-            out_shardings=self._replicated,
         )
 
     @classmethod
@@ -231,8 +229,10 @@ class FluxSampler:
         graphdef, params = nnx.split(model)
         return cls(graphdef, params, vae, **kwargs)
 
-    traces: int
-    """How often the denoising loop was traced (tests assert repeated calls do not retrace)."""
+    @property
+    def traces(self) -> int:
+        """How often this sampler's denoising loop was traced (tests assert repeated calls do not retrace)."""
+        return self._traces
 
     @property
     def pixels_per_token(self) -> int:

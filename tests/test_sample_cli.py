@@ -190,7 +190,8 @@ def bad_cases(files: dict[str, pathlib.Path], tmp: pathlib.Path) -> dict[str, tu
         ),
         "not a checkpoint, with encoders": (
             ["--base", str(tmp / "neither"), "--encoders", str(files["encoders"]), *prompt],
-            "neither: not a checkpoint directory",
+            "neither: neither a FLUX.1 pipeline directory (no transformer/) nor a transformer checkpoint (not a "
+            "checkpoint directory",
         ),
         "encoders not a pipeline": (
             ["--base", str(files["transformer"]), "--encoders", str(tmp / "neither"), *prompt],
@@ -405,6 +406,9 @@ def fake_sampler(monkeypatch):
     class Encoder:
         def encode(self, texts, *, match="diffusers", schnell=False):
             return FakeText(list(texts))
+
+        def encode_with_negative(self, texts, negative, *, match="diffusers", schnell=False):
+            return FakeText(list(texts)), None if negative is None else FakeText([negative])
 
     monkeypatch.setattr(loading, "load_transformer", lambda *a, **k: object())
     monkeypatch.setattr(loading, "load_vae_for", lambda *a, **k: object())

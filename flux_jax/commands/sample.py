@@ -195,11 +195,12 @@ def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `flux-jax --help` and the other commands need not load JAX.
     from flux_jax.lora_io.combine import combine_loras
     from flux_jax.lora_io.weights import validate
+    from flux_jax.sampling.loading import resolve_base
     from flux_jax.sampling.sampler import SampleSettings
     from flux_jax.train.lora_sources import read_lora
     from flux_jax.weights.checkpoint import open_checkpoint
 
-    base = _resolve_base(args.base, args.encoders)  # reads no weights
+    base = resolve_base(args.base, args.encoders)  # reads no weights
     with open_checkpoint(base.transformer) as checkpoint:  # headers only: the config the LoRAs must fit
         config = checkpoint.config
     weights = []
@@ -234,25 +235,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_base(base: str, encoders: str | None):
-    """``resolve_base``, except that a directory which is neither a pipeline nor a checkpoint is called that
-    (rather than a transformer checkpoint that lacks --encoders)."""
-    from flux_jax.errors import CheckpointError
-    from flux_jax.sampling.loading import resolve_base
-    from flux_jax.weights.checkpoint import open_checkpoint
-
-    path = pathlib.Path(base)
-    if encoders is None and path.is_dir() and not (path / "transformer").is_dir():
-        try:
-            open_checkpoint(path).close()  # headers only
-        except CheckpointError as e:
-            why = str(e).removeprefix(f"{path}: ")
-            raise CheckpointError(
-                f"{path}: neither a FLUX.1 pipeline directory (no transformer/) nor a transformer checkpoint ({why})"
-            ) from None
-    return resolve_base(base, encoders)
-
-
 def _sample(base, combined, prompts, negative, settings, batch, record, tmp, progress) -> list[dict]:
     """Load, sample batch by batch, and write the PNGs, the grid and the sidecar into ``tmp``."""
     from tqdm import tqdm
@@ -273,9 +255,12 @@ def _sample(base, combined, prompts, negative, settings, batch, record, tmp, pro
     vae = load_vae_for(base.encoders, dtype=dtype, mesh=mesh)
     groups = batches(prompts, batch)
     encoder = PromptEncoder.load(base.encoders, mesh=mesh, dtype=dtype)
-    conditions = [encoder.encode(g, match=settings.match, schnell=record["schnell"]) for g in groups]
-    # True CFG needs the negative branch; with cfg 1 the guidance-distilled model runs alone (as diffusers does).
-    uncond = encoder.encode([negative], match=settings.match, schnell=record["schnell"]) if settings.cfg > 1 else None
+    # True CFG needs the negative branch, encoded with each batch (ComfyUI's T5 length follows the longest
+    # prompt); with cfg 1 the guidance-distilled model runs alone (as diffusers does).
+    uncond_text = negative if settings.cfg > 1 else None
+    conditions = [
+        encoder.encode_with_negative(g, uncond_text, match=settings.match, schnell=record["schnell"]) for g in groups
+    ]
     del encoder  # the text encoders are not needed any more (T5-XXL alone is 9 GB in bf16)
     sampler = FluxSampler.from_model(model, vae, mesh=mesh, dtype=dtype)
 
@@ -284,7 +269,7 @@ def _sample(base, combined, prompts, negative, settings, batch, record, tmp, pro
     written: list[dict] = []
     pictures = []
     with tqdm(total=len(prompts), unit="image", desc="sampling", disable=not progress) as bar:
-        for k, (group, cond) in enumerate(zip(groups, conditions, strict=True)):
+        for k, (group, (cond, uncond)) in enumerate(zip(groups, conditions, strict=True)):
             batch_settings = dataclasses.replace(settings, seed=settings.seed + k)
             pixels = sampler.images(cond, batch_settings, negative=uncond)
             for j, (prompt, image) in enumerate(zip(group, pixels, strict=True)):

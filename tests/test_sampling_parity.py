@@ -9,6 +9,7 @@ guidance-distilled sampling, true CFG, a non-square size, batch 2, and a LoRA th
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -65,7 +66,8 @@ def torch_pipe(pipeline_dir):
 
 @pytest.fixture(scope="module")
 def jax_side(pipeline_dir):
-    mesh = make_mesh(1, -1, 1)  # the base FSDP-sharded over the 8 fake devices, as on a pod
+    # One device: the sharded sampler is checked against this one in test_sampling_sampler.py.
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     base = resolve_base(pipeline_dir)
     model = load_transformer(base.transformer, dtype="fp32", compute_dtype="fp32", mesh=mesh)
     vae = load_vae_for(base.encoders, dtype="fp32", mesh=mesh)
@@ -79,16 +81,19 @@ def _noise(batch: int, settings: SampleSettings, seed: int = 0) -> np.ndarray:
 
 
 def _torch_run(pipe, prompts, settings: SampleSettings, noise: np.ndarray, **kw):
+    """(final packed latents, image in [0, 1]) from the pipeline; the decode is the pipeline's own steps for
+    ``output_type="np"`` (unpack, un-scale, VAE decode, postprocess), run once on the latents it returned."""
     b, c, h, w = noise.shape
     packed = pipe._pack_latents(torch.from_numpy(noise), b, c, h, w)
-    common = dict(
-        prompt=prompts, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance, latents=packed, max_sequence_length=512, **kw,
-    )  # fmt: skip
     with torch.no_grad(), exact_timestep_frequencies():
-        latents = pipe(**common, output_type="latent").images.numpy()
-        image = pipe(**common, output_type="np").images
-    return latents, image
+        latents = pipe(
+            prompt=prompts, height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance, latents=packed, max_sequence_length=512, output_type="latent", **kw,
+        ).images  # fmt: skip
+        z = pipe._unpack_latents(latents, settings.height, settings.width, pipe.vae_scale_factor)
+        z = z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0], output_type="np")
+    return latents.numpy(), image
 
 
 def _jax_run(side, prompts, settings: SampleSettings, noise, negative=None, model=None):
@@ -138,7 +143,6 @@ def test_lora_matches_load_lora_weights(torch_pipe, jax_side, tmp_path):
         want = _torch_run(torch_pipe, PROMPTS[:1], settings, noise)
     finally:
         torch_pipe.unload_lora_weights()
-    got = _jax_run(jax_side, PROMPTS[:1], settings, noise, model=model)
-    _check(got, want)
-    without = _jax_run(jax_side, PROMPTS[:1], settings, noise)
-    assert np.abs(got[0] - without[0]).max() > 10 * LATENT_TOL  # the LoRA changed the picture
+    _check(_jax_run(jax_side, PROMPTS[:1], settings, noise, model=model), want)
+    without = _torch_run(torch_pipe, PROMPTS[:1], settings, noise)  # the base again, LoRA unloaded
+    assert np.abs(want[0] - without[0]).max() > 10 * LATENT_TOL  # the LoRA changed the picture

@@ -126,6 +126,45 @@ def read_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return state, config
 
 
+def _on_host_cpu():
+    # Build on the host CPU first: a T5-XXL converted on accelerator 0 would not fit next to its copy.
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+def read_vae(path: Path, dtype: str = "bf16") -> AutoEncoder:
+    """The VAE of a diffusers ``vae/`` directory or a BFL ``ae.safetensors`` file, on the host CPU."""
+    with _on_host_cpu():
+        state, config = read_state(path)
+        return load_vae(state, VAEConfig.from_diffusers(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
+
+
+def read_t5(path: Path, dtype: str = "bf16") -> T5Encoder:
+    """The T5 encoder of a transformers ``T5EncoderModel`` directory, on the host CPU."""
+    with _on_host_cpu():
+        state, config = read_state(path)
+        return load_t5(state, T5Config.from_hf(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
+
+
+def read_clip(path: Path, dtype: str = "bf16") -> CLIPTextModel:
+    """The CLIP text tower of a transformers ``CLIPTextModel`` directory, on the host CPU."""
+    with _on_host_cpu():
+        state, config = read_state(path)
+        return load_clip(state, CLIPTextConfig.from_hf(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
+
+
+def place(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """An encoder split into its graph and its weights, placed on ``mesh`` by ``ENCODER_RULES``."""
+    graphdef, state = nnx.split(model)
+
+    def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
+        # From a host copy: on several hosts a single-device array cannot be resharded onto the global mesh,
+        # while every process holding the same host value can fill its own shards.
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return graphdef, jax.tree.map(put, state, state_shardings(state, mesh, ENCODER_RULES))
+
+
 class FluxEncoders:
     """VAE + T5 + CLIP and their tokenizers, placed on ``mesh``."""
 
@@ -167,29 +206,12 @@ class FluxEncoders:
     @classmethod
     def load(cls, paths: EncoderPaths, *, mesh: Mesh, dtype: str = "bf16", t5_max_length: int = 512) -> FluxEncoders:
         """Read the three checkpoints and two tokenizers that ``paths`` names."""
-        jdtype = parse_dtype(dtype, ENCODER_DTYPES)
-        # Build on the host CPU first: a T5-XXL converted on accelerator 0 would not fit next to its copy.
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            state, config = read_state(paths.vae)
-            vae = load_vae(state, VAEConfig.from_diffusers(config) if config else None, jdtype)
-            state, config = read_state(paths.t5)
-            t5 = load_t5(state, T5Config.from_hf(config) if config else None, jdtype)
-            state, config = read_state(paths.clip)
-            clip = load_clip(state, CLIPTextConfig.from_hf(config) if config else None, jdtype)
-        del state
+        vae, t5, clip = read_vae(paths.vae, dtype), read_t5(paths.t5, dtype), read_clip(paths.clip, dtype)
         tokenizers = load_t5_tokenizer(paths.t5_tokenizer), load_clip_tokenizer(paths.clip_tokenizer)
         return cls(vae, t5, clip, *tokenizers, mesh=mesh, t5_max_length=t5_max_length, paths=paths)
 
     def _place(self, model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-        graphdef, state = nnx.split(model)
-
-        def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
-            # From a host copy: on several hosts a single-device array cannot be resharded onto the global mesh,
-            # while every process holding the same host value can fill its own shards.
-            host = np.asarray(value)
-            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-        return graphdef, jax.tree.map(put, state, state_shardings(state, self.mesh, ENCODER_RULES))
+        return place(model, self.mesh)
 
     @property
     def latent_dim(self) -> int:

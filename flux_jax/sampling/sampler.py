@@ -1,22 +1,44 @@
 """``FluxSampler``: the Flux denoising loop in JAX on the training mesh, and the VAE decode to uint8.
 
-STUB (contract): implementation lands next.
+The loop is one ``lax.scan`` over the steps inside one jitted function, compiled once per (batch, size, text
+length, steps, match, true CFG on/off): repeated calls with new prompts, seeds, guidance or CFG scale reuse it
+(``traces`` counts the traces). Everything a tool decides on the host (its noise, its sigma schedule and the
+timestep value its model sees) is computed in numpy first (``noise``, ``schedules``), because XLA may reorder or
+contract float operations; what runs on the device mirrors where each tool rounds:
+
+- diffusers: the state is kept in the pipeline dtype; ``x <- dtype(x + dtype(dtype(dsigma) * v))``.
+- BFL: the same, except dsigma stays float32 (a Python float in its loop).
+- ComfyUI: the state stays float32 and the Euler step goes through ``denoised = x - sigma * v``,
+  ``d = (x - denoised) / sigma``, ``x <- x + d * dsigma``; only the model input is cast.
+
+True CFG (de-distilled bases such as Dev2Pro) runs the negative and positive branches as one batch of 2B and
+combines ``v = v_neg + cfg * (v_pos - v_neg)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flux_jax.axes import DEFAULT_RULES, Rules
-from flux_jax.encoders.vae import AutoEncoder
+from flux_jax.dtypes import DTYPES, dtype_name
+from flux_jax.encoders.vae import AutoEncoder, VAEConfig, denormalize_latents
 from flux_jax.errors import FluxJaxError
-from flux_jax.sampling.schedules import Match
+from flux_jax.model.latents import image_ids, pack_latents, unpack_latents
+from flux_jax.sampling import noise as noise_lib
+from flux_jax.sampling import schedules
+from flux_jax.sampling.schedules import MATCHES, Match
+from flux_jax.sharding import constrain, use_mesh
+
+SAMPLE_DTYPES = ("fp32", "bf16")
 
 
 class SamplingError(FluxJaxError):
@@ -38,7 +60,21 @@ class SampleSettings:
 
     def check(self, pixels_per_token: int = 16) -> None:
         """SamplingError for unusable values (sizes must be positive multiples of ``pixels_per_token``)."""
-        raise NotImplementedError
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value < pixels_per_token or value % pixels_per_token:
+                raise SamplingError(
+                    f"{name} {value} is not a positive multiple of {pixels_per_token} "
+                    f"(the VAE's downsampling times the 2x2 token packing)"
+                )
+        if self.steps < 1:
+            raise SamplingError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.cfg) and self.cfg > 0):
+            raise SamplingError(f"cfg must be a positive number, got {self.cfg}")
+        if not math.isfinite(self.guidance):
+            raise SamplingError(f"guidance must be a finite number, got {self.guidance}")
+        if self.match not in MATCHES:
+            raise SamplingError(f"match {self.match!r} is not one of {', '.join(MATCHES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +89,99 @@ class TextConditioning:
         return int(self.t5.shape[0])
 
 
+def _euler(match: str, x: jax.Array, v: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
+    """One Euler step of ``match``'s sampler (see the module docstring for where each tool rounds)."""
+    f32 = jnp.float32
+    if match == "comfyui":
+        v = v.astype(f32)
+        denoised = x - sigma * v
+        return x + (x - denoised) / sigma * (sigma_next - sigma)
+    dt = sigma_next - sigma
+    if match == "diffusers":  # a 0-dim tensor times a bf16 tensor: dt is cast to bf16 first
+        dt = dt.astype(v.dtype).astype(f32)
+    step = (dt * v.astype(f32)).astype(v.dtype)
+    return (x.astype(f32) + step.astype(f32)).astype(x.dtype)
+
+
+def denoise(
+    graphdef: nnx.GraphDef,
+    params: tuple[nnx.State, ...],
+    extra: tuple[nnx.State, ...],
+    x: jax.Array,
+    img_ids: jax.Array,
+    txt: jax.Array,
+    y: jax.Array,
+    sigmas: jax.Array,
+    timesteps: jax.Array,
+    guidance: jax.Array,
+    cfg: jax.Array,
+    *,
+    match: str,
+    true_cfg: bool,
+) -> jax.Array:
+    """The whole loop: ``x`` [B, L, C] initial latents in the state dtype -> final latents (same dtype).
+
+    ``txt`` / ``y`` hold [neg; pos] (2B rows) when ``true_cfg``; ``sigmas`` [N + 1], ``timesteps`` [N] the values
+    the model embeds (/ 1000).
+    """
+    model = nnx.merge(graphdef, *params, *extra)
+    compute = model.dtype
+    rows = txt.shape[0]
+    txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)  # BFL: text tokens sit at position 0
+    g = jnp.full((rows,), guidance, jnp.float32) if model.guidance_in is not None else None
+
+    def step(x, xs):
+        sigma, sigma_next, t = xs
+        inp = x.astype(compute)
+        if true_cfg:
+            inp = jnp.concatenate([inp, inp], axis=0)
+        v = model(inp, img_ids, txt, txt_ids, jnp.full((rows,), t, jnp.float32), y, g)
+        if true_cfg:
+            neg, pos = jnp.split(v, 2, axis=0)
+            v = neg + cfg.astype(v.dtype) * (pos - neg)
+        return _euler(match, x, v, sigma, sigma_next), None
+
+    x, _ = jax.lax.scan(step, x, (sigmas[:-1], sigmas[1:], timesteps))
+    return constrain(x, (None, None, None))  # replicated: every host reads the whole result
+
+
+def decode(
+    graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, *, config: VAEConfig, match: str, latents_dtype
+) -> jax.Array:
+    """Latents [B, h, w, C] (float32) -> the VAE's output [B, H, W, 3] in about [-1, 1] (float32)."""
+    decoder = nnx.merge(graphdef, params)
+    if match == "diffusers":  # latents / scale + shift in the pipeline dtype
+        z = denormalize_latents(z.astype(latents_dtype), config)
+    else:  # BFL and ComfyUI un-scale in float32
+        z = denormalize_latents(z, config)
+    x = decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
+    return constrain(x, (None, None, None, None))
+
+
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """VAE output -> float32 in [0, 1], as diffusers' image processor computes it: (x / 2 + 0.5).clamp(0, 1)."""
+    return np.clip(x / np.float32(2) + np.float32(0.5), 0, 1).astype(np.float32)
+
+
+def to_uint8(x: np.ndarray, match: str) -> np.ndarray:
+    """VAE output (float32) -> uint8 as ``match``'s tool writes its image files, in numpy (exact on every host)."""
+    x = np.asarray(x, np.float32)
+    if match == "diffusers":  # numpy_to_pil: (images * 255).round()
+        return np.round(to_unit(x) * np.float32(255)).astype(np.uint8)
+    if match == "bfl":  # save_image: clamp(-1, 1), then (127.5 * (x + 1)).byte(), which truncates
+        return (np.float32(127.5) * (np.clip(x, -1, 1) + np.float32(1))).astype(np.uint8)
+    # ComfyUI: clamp((x + 1) / 2, 0, 1) in the VAE, then SaveImage's clip(255 * i, 0, 255).astype(uint8)
+    unit = np.clip((x + np.float32(1)) / np.float32(2), 0, 1)
+    return np.clip(np.float32(255) * unit, 0, 255).astype(np.uint8)
+
+
 class FluxSampler:
     """Samples images from a Flux transformer (any loaded base, with or without LoRA adapters) and a VAE.
 
     ``graphdef`` / ``params`` are the model split by ``nnx.split`` (``from_model`` does it); ``params`` may be a
     tuple of states (e.g. the trainer's frozen base), and every call may pass ``extra`` states merged on top (the
-    trainer's current LoRA values), so the same compiled loop serves every validation step.
+    trainer's current LoRA values), so the same compiled loop serves every validation step. Weights stay where
+    they are (FSDP-sharded on ``mesh`` for a big base); the latents and text are replicated.
     """
 
     def __init__(
@@ -69,20 +192,65 @@ class FluxSampler:
         *,
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
-        dtype: str = "bf16",
+        dtype: str | None = None,
     ):
-        raise NotImplementedError
+        self.graphdef = graphdef
+        self.params = (params,) if isinstance(params, nnx.State) else tuple(params)
+        model = nnx.merge(graphdef, *jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params))
+        self.model_config = model.config
+        dtype = dtype or dtype_name(model.dtype, SAMPLE_DTYPES)
+        if dtype not in SAMPLE_DTYPES:
+            raise SamplingError(f"dtype {dtype!r} is not one of {', '.join(SAMPLE_DTYPES)}")
+        self.dtype = dtype
+        self.vae_config: VAEConfig = vae.config
+        # Only the decoder is used: the encoder's weights are not kept.
+        self._decoder = nnx.split(vae.decoder)
+        self.mesh = (
+            mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        )
+        self.rules = rules
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._traces = 0
+
+        def traced(*args, **kwargs):
+            self._traces += 1  # runs only while jax traces
+            return denoise(graphdef, *args, **kwargs)
+
+        # One compiled loop per (shapes, steps, match, true CFG) for the life of the sampler: keep one sampler
+        # per model (the CLI's, the trainer's validation) and call it repeatedly.
+        self._denoise = jax.jit(traced, static_argnames=("match", "true_cfg"))
+        self._decode = jax.jit(
+            functools.partial(decode, self._decoder[0], config=self.vae_config),
+            static_argnames=("match", "latents_dtype"),
+        )
 
     @classmethod
     def from_model(cls, model: nnx.Module, vae: AutoEncoder, **kwargs) -> FluxSampler:
-        raise NotImplementedError
+        graphdef, params = nnx.split(model)
+        return cls(graphdef, params, vae, **kwargs)
 
-    traces: int
-    """How often the denoising loop was traced (tests assert repeated calls do not retrace)."""
+    @property
+    def traces(self) -> int:
+        """How often this sampler's denoising loop was traced (tests assert repeated calls do not retrace)."""
+        return self._traces
+
+    @property
+    def pixels_per_token(self) -> int:
+        return 2 * self.vae_config.spatial_factor
+
+    def latent_shape(self, settings: SampleSettings, batch: int) -> tuple[int, int, int, int]:
+        """[B, C, H/f, W/f], the noise's NCHW shape (the VAE's latent grid)."""
+        f = self.vae_config.spatial_factor
+        return batch, self.vae_config.latent_channels, settings.height // f, settings.width // f
 
     def initial_noise(self, settings: SampleSettings, batch: int) -> np.ndarray:
         """[B, C, H/f, W/f] float32 for ``settings.seed``: one draw for the whole batch, as diffusers and ComfyUI."""
-        raise NotImplementedError
+        settings.check(self.pixels_per_token)
+        return noise_lib.initial_noise(settings.match, self.latent_shape(settings, batch), settings.seed, self.dtype)
+
+    def _state_dtype(self, match: str):
+        # ComfyUI keeps its sampling state in float32; diffusers and BFL in the activation dtype.
+        return jnp.float32 if match == "comfyui" else DTYPES[self.dtype]
 
     def latents(
         self,
@@ -95,11 +263,68 @@ class FluxSampler:
     ) -> jax.Array:
         """The final packed latents [B, L, 4C] (float32). ``noise`` [B, C, h, w] replaces the seed's draw;
         ``negative`` (batch 1 or B) with ``settings.cfg > 1`` runs true CFG in one batched model call."""
-        raise NotImplementedError
+        settings.check(self.pixels_per_token)
+        batch = prompts.batch
+        shape = self.latent_shape(settings, batch)
+        if noise is None:
+            noise = self.initial_noise(settings, batch)
+        elif tuple(noise.shape) != shape:
+            raise SamplingError(
+                f"initial latents have shape {tuple(noise.shape)}; {settings.width}x{settings.height} "
+                f"with batch {batch} needs {shape}"
+            )
+        true_cfg = settings.cfg > 1.0 and negative is not None
+        if settings.cfg > 1.0 and negative is None:
+            raise SamplingError(f"cfg {settings.cfg} > 1 is true CFG and needs a negative prompt (it may be empty)")
+        txt, y = prompts.t5, prompts.clip
+        if true_cfg:
+            if negative.batch not in (1, batch):
+                raise SamplingError(f"{negative.batch} negative prompts for {batch} prompts; give 1 or {batch}")
+            if negative.t5.shape[1] != txt.shape[1]:
+                raise SamplingError(
+                    f"negative T5 length {negative.t5.shape[1]} differs from the prompts' {txt.shape[1]}; "
+                    "encode them together"
+                )
+            neg_t5 = jnp.broadcast_to(negative.t5, (batch, *negative.t5.shape[1:]))
+            neg_clip = jnp.broadcast_to(negative.clip, (batch, *negative.clip.shape[1:]))
+            txt, y = jnp.concatenate([neg_t5, txt]), jnp.concatenate([neg_clip, y])
+        compute = DTYPES[self.dtype]
+        _, _, h, w = shape
+        x = pack_latents(jnp.asarray(np.ascontiguousarray(noise.transpose(0, 2, 3, 1)), jnp.float32))
+        x = x.astype(self._state_dtype(settings.match))
+        # Schnell (no guidance embedding) samples the unshifted schedule.
+        sig = schedules.sigmas(settings.match, settings.steps, x.shape[1], shift=self.model_config.guidance_embed)
+        t = schedules.model_timesteps(settings.match, sig, self.dtype)
+        put = functools.partial(jax.device_put, device=self._replicated)
+        extra = (extra,) if isinstance(extra, nnx.State) else tuple(extra)
+        with use_mesh(self.mesh, self.rules):
+            out = self._denoise(
+                self.params,
+                extra,
+                put(x),
+                put(jnp.asarray(image_ids(h // 2, w // 2))),
+                put(txt.astype(compute)),
+                put(y.astype(compute)),
+                put(jnp.asarray(sig)),
+                put(jnp.asarray(t)),
+                put(jnp.float32(settings.guidance)),
+                put(jnp.float32(settings.cfg)),
+                match=settings.match,
+                true_cfg=true_cfg,
+            )
+        return out.astype(jnp.float32)
+
+    def decode_raw(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:
+        """Packed latents -> the VAE's float32 output [B, H, W, 3] (about [-1, 1]) on this host."""
+        f = self.vae_config.spatial_factor
+        z = unpack_latents(latents, settings.height // f, settings.width // f)
+        with use_mesh(self.mesh, self.rules):
+            x = self._decode(self._decoder[1], z, match=settings.match, latents_dtype=DTYPES[self.dtype])
+        return np.asarray(x.addressable_data(0))  # replicated: every host holds all of it
 
     def decode(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:
         """Packed latents -> uint8 images [B, H, W, 3], with ``settings.match``'s un-scaling and rounding."""
-        raise NotImplementedError
+        return to_uint8(self.decode_raw(latents, settings), settings.match)
 
     def images(
         self,
@@ -111,4 +336,4 @@ class FluxSampler:
         extra: nnx.State | Sequence[nnx.State] = (),
     ) -> np.ndarray:
         """``decode(latents(...))``: uint8 [B, H, W, 3]."""
-        raise NotImplementedError
+        return self.decode(self.latents(prompts, settings, negative=negative, noise=noise, extra=extra), settings)

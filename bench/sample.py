@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -85,24 +87,54 @@ def forward_flops(arch: FluxConfig, img_tokens: int, txt_tokens: int) -> float:
     return 2 * 12 * hidden * hidden * length * blocks + 4 * length * length * hidden * blocks
 
 
+# Below this many parameters the weights are drawn on the host with numpy: compiling a random init (a threefry
+# program per parameter) takes longer than drawing a small model, and the tiny smoke run should take seconds.
+HOST_INIT_PARAMS = 200_000_000
+
+
+def host_random(abstract: nnx.State, seed: int) -> nnx.State:
+    """numpy random values of ``abstract``'s shapes, in its dtypes: kernels ~ N(0, 1/fan_in) so activations stay
+    O(1) (fan_in: the input dim of a [(L,) in, out] Linear, kh x kw x in of an HWIO conv), norm scales one, the
+    rest zero."""
+    rng = np.random.default_rng(seed)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        leaf = var.get_value()
+        shape = leaf.shape
+        if path[-1] == "kernel":
+            fan_in = math.prod(shape[:-1]) if len(shape) == 4 else shape[-2]
+            value = rng.standard_normal(shape, np.float32) / np.float32(math.sqrt(fan_in))
+        else:
+            value = np.full(shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
+        flat.append((path, var.replace(jnp.asarray(value).astype(leaf.dtype))))
+    return nnx.from_flat_state(flat)
+
+
 def random_base(arch: FluxConfig, *, dtype: str, attention: str, mesh, rules) -> nnx.Module:
-    """A random Flux created sharded on ``mesh`` by one jitted function (never whole on one device)."""
+    """A random Flux placed sharded on ``mesh``; a big one is created so by one jitted function (never whole on one
+    device), a small one drawn on the host."""
     compute = "bf16" if dtype == "fp8" else dtype
 
     def make() -> nnx.Module:
         return random_flux(arch, base_dtype=dtype, compute_dtype=compute, seed=0, attention=attention, remat="none")
 
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh, rules))()
+    shardings = state_shardings(abstract, mesh, rules)
+    if sum(math.prod(x.shape) for x in jax.tree.leaves(abstract)) < HOST_INIT_PARAMS:
+        state = jax.device_put(host_random(abstract, seed=0), shardings)
+    else:
+        state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 
-def random_vae(config: VAEConfig, *, dtype: str) -> AutoEncoder:
+def random_vae(config: VAEConfig, *, dtype: str, mesh) -> AutoEncoder:
+    """A random VAE (FLUX.1's has 84M parameters: drawn on the host), replicated on ``mesh``."""
+
     def make() -> AutoEncoder:
         return AutoEncoder(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
 
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    return nnx.merge(graphdef, jax.device_put(host_random(abstract, seed=1), NamedSharding(mesh, PartitionSpec())))
 
 
 def text(arch: FluxConfig, *, batch: int, txt_len: int, dtype, seed: int) -> TextConditioning:
@@ -169,13 +201,12 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     with use_mesh(mesh, rules):
         model = random_base(arch, dtype=args.dtype, attention=args.attention, mesh=mesh, rules=rules)
-        vae = random_vae(VAEConfig.flux() if args.vae == "flux" else VAEConfig.tiny(), dtype=compute)
+        vae = random_vae(VAEConfig.flux() if args.vae == "flux" else VAEConfig.tiny(), dtype=compute, mesh=mesh)
         jax.block_until_ready((nnx.state(model), nnx.state(vae)))
     n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"device {device.device_kind} x{mesh.size}; {arch.depth}+{arch.depth_single_blocks} blocks, "
-          f"hidden {arch.hidden_size}; base {n_base / 1e9:.3f}B params ({args.dtype}); "
-          f"{args.width}x{args.height}, {args.steps} steps, cfg {args.cfg:g}; built in {time.perf_counter() - t0:.1f} s",
-          flush=True)  # fmt: skip
+          f"hidden {arch.hidden_size}; base {n_base / 1e9:.3f}B params ({args.dtype}); {args.width}x{args.height}, "
+          f"{args.steps} steps, cfg {args.cfg:g}; built in {time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
     sampler = FluxSampler.from_model(model, vae, mesh=mesh, rules=rules, dtype=compute)
     results = []
     for batch in args.batch:

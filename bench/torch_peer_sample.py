@@ -72,7 +72,8 @@ def build_pipeline(args, device: str, dtype: torch.dtype):
             vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=blocks,
                                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                                 layers_per_block=2, norm_num_groups=8 if args.tiny else 32, scaling_factor=0.3611,
-                                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).to(dtype).eval()  # fmt: skip
+                                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+            vae = vae.to(dtype).eval()
     if args.attn:
         transformer.set_attention_backend(args.attn)
     if args.compile:
@@ -109,7 +110,7 @@ def main(argv=None) -> list[dict]:
             embeds.update(negative_prompt_embeds=torch.randn_like(embeds["prompt_embeds"]),
                           negative_pooled_prompt_embeds=torch.randn_like(embeds["pooled_prompt_embeds"]))  # fmt: skip
 
-        def call():
+        def call(embeds=embeds):
             out = pipe(height=args.height, width=args.width, num_inference_steps=args.steps,
                        guidance_scale=args.guidance, true_cfg_scale=args.cfg, max_sequence_length=args.txt_len,
                        generator=torch.Generator("cpu").manual_seed(0),
@@ -135,10 +136,11 @@ def main(argv=None) -> list[dict]:
             dt = sorted(times)[len(times) // 2]
             rows = batch * (2 if args.cfg > 1 else 1)
             useful = args.steps * rows * forward_flops(hidden, args.double + args.single, img_tokens, args.txt_len)
+            cuda = device == "cuda"
             r = dict(common, s_per_image=round(dt / batch, 4), s_per_step=round(dt / args.steps, 4),
                      first_call_s=round(first, 2), useful_tflop_per_image=round(useful / batch / 1e12, 3),
-                     mfu=round(useful / dt / (args.peak_tflops * 1e12), 4) if device == "cuda" else None,
-                     peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None)  # fmt: skip
+                     mfu=round(useful / dt / (args.peak_tflops * 1e12), 4) if cuda else None,
+                     peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)  # fmt: skip
         except torch.OutOfMemoryError:
             r = dict(common, error="OOM")
             torch.cuda.empty_cache()

@@ -5,11 +5,13 @@ Validation samples images between train steps, so three things are added to a pl
 - resident memory, held from start to end: the validation base when it is not the training base (its parameters
   in ``validation.base_dtype``, sharded by the same logical-axis rules as the training base), the VAE decoder
   (replicated) and the encoded prompts (T5 states and CLIP pooled vectors; the text encoders are freed);
-- the sampler's peak: one denoising step, the transformer's forward pass at the validation size on a batch of
-  prompts x seeds rows (twice that with true CFG: both branches in one call), with no gradients and no remat,
-  plus its Euler update; and the VAE decode of the batch. The denoising loop runs that step ``steps`` times in
-  place, so one step's peak is the loop's. Both are compiled here for the target's devices and read from
-  ``memory_analysis()``, as ``fit.plan`` reads the train step's;
+- the sampler's peak: its denoising loop (``flux_jax.sampling.sampler.denoise``: a scan over the steps, so one
+  step's peak is the loop's), the transformer's forward pass at the validation size on prompts x seeds rows
+  (twice that with true CFG: both branches in one call), with no gradients and no remat; and its VAE decode
+  (``sampler.decode``). The sampler replicates latents and text over the mesh while the weights stay sharded, so
+  every chip runs every row. Both programs are the sampler's own functions, read from ``memory_analysis()`` as
+  ``fit.plan`` reads the train step's: the loop compiled for the target's devices, the decode (a one-device program
+  on every chip) for this machine's CPU, which is quick and whose figure is the larger (see ``plan_validation``);
 - none of the sampler's activations coexist with the train step's: the plan's total is the resident memory plus
   max(train step peak, sampling peak), not their sum (``fit.Plan.total``).
 
@@ -20,6 +22,7 @@ a config without it (or with only some fields) plans as before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -30,17 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from flux_jax.dtypes import DTYPES
-from flux_jax.encoders.vae import AutoEncoder, VAEConfig, denormalize_latents
+from flux_jax.encoders.vae import AutoEncoder, VAEConfig
 from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import FluxConfig
-from flux_jax.model.latents import unpack_latents
 from flux_jax.model.lora import set_lora_training
 from flux_jax.planning import hlo_flops
 from flux_jax.run_config import ModelConfig, RunConfig
-from flux_jax.sharding import batch_sharding, state_shardings, use_mesh
+from flux_jax.sampling.sampler import decode, denoise
+from flux_jax.sharding import state_shardings, use_mesh
 from flux_jax.train.build import BASE_PARAMS, Adapters, lora_model
 
 # Defaults for fields the config's validation section may not have (FLUX.1-dev's sampling recipe; fp8 storage
@@ -137,7 +140,7 @@ class ValidationMemory:
     model: str
     """The validation base planned: "the training base", or the checkpoint / architecture it stands for."""
     rows: int
-    """Rows per transformer call as compiled: ``spec.model_rows`` rounded up to the mesh's batch devices."""
+    """Rows per transformer call (``spec.model_rows``), all of them on every chip."""
     text_len: int
     base: int
     """The validation base's parameters when it is not the training base (0 when it is)."""
@@ -146,11 +149,11 @@ class ValidationMemory:
     prompts: int
     """The encoded prompts (and negative prompts with true CFG), kept between validations."""
     sampling: int
-    """One denoising step's peak beyond its weights and prompts: activations, latents, velocities."""
+    """The denoising loop's peak beyond its weights and prompts: activations, latents, velocities."""
     decoding: int
-    """The VAE decode's peak beyond its weights: decoder activations and the uint8 images."""
+    """The VAE decode's peak beyond its weights: decoder activations and the float32 images."""
     flops: float | None = None
-    """Per-chip matmul FLOPs of one validation: ``steps`` denoising steps and one decode."""
+    """Per-chip matmul FLOPs of one validation: the ``steps`` denoising steps and the decode."""
     from_compiler_error: bool = False
     """True when the TPU compiler refused a sampler program (out of HBM); ``sampling`` is then its figure."""
 
@@ -212,10 +215,6 @@ def _sds(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def abstract_sampling_model(
     cfg: RunConfig, spec: ValidationSpec, mesh: Mesh, architecture: FluxConfig
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -255,8 +254,9 @@ def _working_bytes(compiled: jax.stages.Compiled, held: int) -> int:
 def plan_validation(
     cfg: RunConfig, spec: ValidationSpec, mesh: Mesh, *, model_config: FluxConfig, text_len: int
 ) -> tuple[ValidationMemory, tuple[str, ...]]:
-    """Compile the sampler's denoising step and VAE decode for ``mesh``'s devices and measure them; (memory,
-    notes). ``model_config`` is the training base's architecture; ``text_len`` the T5 length of the prompts.
+    """Compile the sampler's denoising loop (for ``mesh``'s devices) and VAE decode (for this machine's CPU), the
+    functions of ``flux_jax.sampling.sampler``, and measure them; (memory, notes). ``model_config`` is the training
+    base's architecture; ``text_len`` the T5 length of the prompts.
 
     A TPU compiler refusing a program for lack of HBM is returned as ``from_compiler_error`` with its figure;
     other compile errors propagate."""
@@ -265,42 +265,44 @@ def plan_validation(
     architecture, name, notes = validation_architecture(spec, model_config)
     graphdef, params, base = abstract_sampling_model(cfg, spec, mesh, architecture)
     compute = DTYPES[cfg.model.compute_dtype]
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
-    rows = _round_up(spec.model_rows, split)
-    images = _round_up(spec.images, split)
-    if rows != spec.model_rows:
-        notes = (*notes, f"validation batch of {spec.model_rows} rows planned as {rows} (a multiple of the "
-                         f"{split} batch devices)")  # fmt: skip
-    tokens = spec.image_tokens
-    batched = batch_sharding(mesh)
+    state = DTYPES[cfg.model.compute_dtype]  # diffusers' recipe: the sampling state in the activation dtype
+    # The sampler replicates latents and text over the mesh (the weights stay sharded): every chip runs every row.
     replicated = NamedSharding(mesh, PartitionSpec())
-    txt = jax.ShapeDtypeStruct((rows, text_len, architecture.context_in_dim), compute, sharding=batched)
-    y = jax.ShapeDtypeStruct((rows, architecture.vec_in_dim), compute, sharding=batched)
-    x = jax.ShapeDtypeStruct((rows, tokens, architecture.in_channels), jnp.float32, sharding=batched)
-    ids = jax.ShapeDtypeStruct((tokens, 3), jnp.float32, sharding=replicated)
-    t = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-    guidance = architecture.guidance_embed
+    rows, images, tokens = spec.model_rows, spec.images, spec.image_tokens
 
-    def denoise_step(params, x, txt, y, img_ids, t, t_next):
-        # One Euler step x += (t_next - t) * v, the loop body of the sampler.
-        model = nnx.merge(graphdef, params)
-        txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)
-        g = jnp.full((x.shape[0],), 1.0, jnp.float32) if guidance else None
-        v = model(x.astype(compute), img_ids, txt, txt_ids, t, y, g)
-        return x + (t_next - t) * v.astype(jnp.float32)
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
+    txt = sds((rows, text_len, architecture.context_in_dim), compute)
+    y = sds((rows, architecture.vec_in_dim), compute)
+    loop_args = (
+        (params,),
+        (),
+        sds((images, tokens, architecture.in_channels), state),  # x
+        sds((tokens, 3), jnp.float32),  # image ids
+        txt,
+        y,
+        sds((spec.steps + 1,), jnp.float32),  # sigmas
+        sds((spec.steps,), jnp.float32),  # model timesteps
+        sds((), jnp.float32),  # guidance
+        sds((), jnp.float32),  # cfg
+    )
+    loop = functools.partial(denoise, graphdef, match="diffusers", true_cfg=spec.cfg > 1)
+
+    # The decoder is replicated and decodes every image on every chip: each chip runs the same one-device program,
+    # with no communication, so it is compiled as that program for this machine's CPU rather than for the target.
+    # XLA's TPU compiler spends minutes on the decoder's ~30 convolutions (10 for FLUX.1's on a busy 2-core host),
+    # and the CPU's figure is the larger: FLUX.1's decoder at 512 px in bf16 needs 771 MiB of temporaries compiled
+    # for the CPU, 464 MiB compiled for a v5e (libtpu 0.0.42).
     vae_config = vae_architecture(cfg)
     vae = nnx.eval_shape(lambda: AutoEncoder(vae_config, dtype=compute, param_dtype=compute, rngs=nnx.Rngs(0)))
     vae_graph, vae_params = nnx.split(vae.decoder)
-    vae_params = jax.tree.map(lambda p: _sds(p, replicated), vae_params)
-    h, w = spec.height // vae_config.spatial_factor, spec.width // vae_config.spatial_factor
-    latents = jax.ShapeDtypeStruct((images, tokens, architecture.in_channels), jnp.float32, sharding=batched)
-
-    def decode(vae_params, latents):
-        # Packed latents -> NHWC VAE latents -> un-normalised -> pixels in [-1, 1] -> uint8, as the sampler does.
-        z = denormalize_latents(unpack_latents(latents, h, w), vae_config)
-        pixels = nnx.merge(vae_graph, vae_params)(z.astype(compute)).astype(jnp.float32)
-        return jnp.round((jnp.clip(pixels, -1, 1) + 1) * 127.5).astype(jnp.uint8)
+    host = SingleDeviceSharding(jax.devices("cpu")[0])
+    vae_params = jax.tree.map(lambda p: _sds(p, host), vae_params)
+    f = vae_config.spatial_factor
+    z = jax.ShapeDtypeStruct((images, spec.height // f, spec.width // f, vae_config.latent_channels), jnp.float32,
+                             sharding=host)  # fmt: skip
+    vae_decode = functools.partial(decode, vae_graph, config=vae_config, match="diffusers", latents_dtype=state)
 
     weights, prompts = per_device_bytes(params), per_device_bytes((txt, y))
     base_bytes = per_device_bytes(base) if spec.base else 0
@@ -309,16 +311,15 @@ def plan_validation(
                   prompts=prompts)  # fmt: skip
     try:
         with use_mesh(mesh, cfg.mesh.rules):
-            step = _compile(denoise_step, params, x, txt, y, ids, t, t)
-            decoder = _compile(decode, vae_params, latents)
+            step = _compile(loop, *loop_args)
+        decoder = _compile(vae_decode, vae_params, z)  # outside the mesh: a one-device program
     except jax.errors.JaxRuntimeError as e:
         oom = parse_oom(str(e))
         if oom is None:
             raise
         note = f"the TPU compiler ran out of HBM compiling the sampler: it needs {oom[0] / 2**30:.2f} GiB per chip"
         return ValidationMemory(sampling=oom[0], decoding=0, from_compiler_error=True, **common), (*notes, note)
-    flops = (spec.steps * hlo_flops.count_flops(step.as_text()).flops
-             + hlo_flops.count_flops(decoder.as_text()).flops)  # fmt: skip
+    flops = hlo_flops.count_flops(step.as_text()).flops + hlo_flops.count_flops(decoder.as_text()).flops
     memory = ValidationMemory(sampling=_working_bytes(step, weights + prompts),
                               decoding=_working_bytes(decoder, vae_bytes), flops=flops, **common)  # fmt: skip
     return memory, notes
@@ -340,7 +341,7 @@ def report_lines(v: ValidationMemory, gib: Any, peak_flops: float | None) -> Seq
     if v.from_compiler_error:
         lines.append(f"  sampling     {gib(v.sampling)} (the compiler's figure; it refused the program)")
     else:
-        lines.append(f"  sampling     {gib(v.sampling)} (a denoising step: activations, no gradients; "
+        lines.append(f"  sampling     {gib(v.sampling)} (the denoising loop: activations, no gradients; "
                      "between train steps)")  # fmt: skip
         lines.append(f"  decoding     {gib(v.decoding)} (the VAE decode)")
     if v.flops is not None and peak_flops:

@@ -7,11 +7,12 @@ target's compile-only devices, compiles it ahead of time for that TPU, and retur
   outputs, temporaries (activations, gathered weights), minus outputs aliasing donated inputs; the step fits when
   that total is within the chip's HBM. When the TPU compiler itself runs out of HBM it refuses to compile; the
   plan then reports its "used / available" figures and does not fit.
-- with validation on (a ``validation`` section with prompts and ``every`` >= 1), the sampler's denoising step and
-  VAE decode are compiled for the same devices too (``planning.validation``): validation's resident memory (a
-  validation base other than the training base, the VAE decoder, the encoded prompts) is held throughout, and the
-  sampler's peak happens between steps, so the run needs the step's arguments + validation's resident memory +
-  max(the step's own peak, the sampler's), which is what the plan checks against the chip's HBM.
+- with validation on (a ``validation`` section with prompts and ``every`` >= 1), the sampler's denoising loop is
+  compiled for the same devices too, and its VAE decode for this machine's CPU (``planning.validation``):
+  validation's resident memory (a validation base other than the training base, the VAE decoder, the encoded
+  prompts) is held throughout, and the sampler's peak happens between steps, so the run needs the step's arguments
+  + validation's resident memory + max(the step's own peak, the sampler's): ``Plan.total``, which is what the plan
+  checks against the chip's HBM.
 - FLOPs: XLA's ``cost_analysis()`` counts a loop body once, and the model runs its blocks in scanned loops, so the
   per-chip matmul FLOPs of a step are counted from the compiled HLO with every loop counted as many times as it
   runs (``hlo_flops``). The step-time estimate is those FLOPs at the chip's peak FLOP/s: a floor (100% of peak;

@@ -71,6 +71,13 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*([None] * batch_dim), ("data", "fsdp")))
 
 
+def replicate(host: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array copied to every device of ``mesh``, on one host or many (each process fills its own devices
+    from its own copy, which must be the same everywhere: prompts, noise drawn from a seed, schedules)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, PartitionSpec()), lambda index: host[index])
+
+
 # --------------------------------------------------------------------------------------------------
 # Logical axes -> PartitionSpec
 

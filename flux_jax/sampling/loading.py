@@ -21,6 +21,7 @@ from flux_jax.dtypes import parse_dtype
 from flux_jax.encoders.vae import AutoEncoder
 from flux_jax.errors import CheckpointError
 from flux_jax.model.flux import Flux
+from flux_jax.weights.checkpoint import open_checkpoint
 from flux_jax.weights.load import load_flux
 
 BASE_DTYPES = ("fp32", "bf16", "fp8")
@@ -54,6 +55,14 @@ def resolve_base(base: str | os.PathLike, encoders: str | os.PathLike | None = N
         raise CheckpointError(f"{path}: no such base (a FLUX.1 pipeline directory or a transformer checkpoint)")
     if path.is_dir() and (path / "transformer").is_dir():
         return SamplingBase(str(path / "transformer"), encoder_paths(encoders or path))
+    if path.is_dir():  # a transformer directory (diffusers or Flax) must read as one: headers only
+        try:
+            open_checkpoint(path).close()
+        except CheckpointError as e:
+            why = str(e).removeprefix(f"{path}: ")
+            raise CheckpointError(
+                f"{path}: neither a FLUX.1 pipeline directory (no transformer/) nor a transformer checkpoint ({why})"
+            ) from None
     if encoders is None:
         raise CheckpointError(
             f"{path}: a transformer checkpoint without its encoders; pass a FLUX.1 pipeline directory as the base, "

@@ -12,7 +12,6 @@ import functools
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -20,6 +19,7 @@ from flux_jax.data.encoding import EncoderPaths, place, read_clip, read_t5
 from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
 from flux_jax.sampling.sampler import SamplingError, TextConditioning
 from flux_jax.sampling.schedules import Match
+from flux_jax.sharding import replicate
 
 T5_LENGTH_DEV = 512
 T5_LENGTH_SCHNELL = 256
@@ -70,8 +70,8 @@ class PromptEncoder:
         length = t5_length(self.t5_tokenizer, prompts, match=match, schnell=schnell)
         t5_ids = tokenize_t5(self.t5_tokenizer, prompts, length).input_ids
         clip_ids = tokenize_clip(self.clip_tokenizer, prompts).input_ids
-        put = functools.partial(jax.device_put, device=self._replicated)
-        hidden, pooled = self._fn(self._t5[1], self._clip[1], put(np.asarray(t5_ids)), put(np.asarray(clip_ids)))
+        ids = replicate(t5_ids, self.mesh), replicate(clip_ids, self.mesh)
+        hidden, pooled = self._fn(self._t5[1], self._clip[1], *ids)
         return TextConditioning(hidden, pooled)
 
     def encode_with_negative(

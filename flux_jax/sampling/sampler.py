@@ -26,17 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.dtypes import DTYPES, dtype_name
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig, denormalize_latents
 from flux_jax.errors import FluxJaxError
-from flux_jax.model.latents import image_ids, pack_latents, unpack_latents
+from flux_jax.model.latents import image_ids, unpack_latents
 from flux_jax.sampling import noise as noise_lib
 from flux_jax.sampling import schedules
 from flux_jax.sampling.schedules import MATCHES, Match
-from flux_jax.sharding import constrain, use_mesh
+from flux_jax.sharding import constrain, replicate, use_mesh
 
 SAMPLE_DTYPES = ("fp32", "bf16")
 
@@ -89,6 +89,12 @@ class TextConditioning:
         return int(self.t5.shape[0])
 
 
+def _pack(noise: np.ndarray) -> np.ndarray:
+    """NCHW latents -> [B, (h/2)(w/2), 4C] tokens on the host (``model.latents.pack_latents``' order)."""
+    b, c, h, w = noise.shape
+    return noise.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+
 def _euler(match: str, x: jax.Array, v: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
     """One Euler step of ``match``'s sampler (see the module docstring for where each tool rounds)."""
     f32 = jnp.float32
@@ -111,6 +117,8 @@ def denoise(
     img_ids: jax.Array,
     txt: jax.Array,
     y: jax.Array,
+    neg_txt: jax.Array | None,
+    neg_y: jax.Array | None,
     sigmas: jax.Array,
     timesteps: jax.Array,
     guidance: jax.Array,
@@ -121,11 +129,17 @@ def denoise(
 ) -> jax.Array:
     """The whole loop: ``x`` [B, L, C] initial latents in the state dtype -> final latents (same dtype).
 
-    ``txt`` / ``y`` hold [neg; pos] (2B rows) when ``true_cfg``; ``sigmas`` [N + 1], ``timesteps`` [N] the values
-    the model embeds (/ 1000).
+    ``txt`` / ``y``: the prompts' T5 states and CLIP vectors; ``neg_txt`` / ``neg_y`` (1 or B rows) the negative
+    prompt's when ``true_cfg``; ``sigmas`` [N + 1]; ``timesteps`` [N] the values the model embeds (/ 1000).
     """
     model = nnx.merge(graphdef, *params, *extra)
     compute = model.dtype
+    batch = x.shape[0]
+    if true_cfg:  # one model call over [negative; positive]
+        neg_txt = jnp.broadcast_to(neg_txt, (batch, *neg_txt.shape[1:]))
+        neg_y = jnp.broadcast_to(neg_y, (batch, *neg_y.shape[1:]))
+        txt, y = jnp.concatenate([neg_txt, txt]), jnp.concatenate([neg_y, y])
+    txt, y = txt.astype(compute), y.astype(compute)
     rows = txt.shape[0]
     txt_ids = jnp.zeros((txt.shape[1], 3), jnp.float32)  # BFL: text tokens sit at position 0
     g = jnp.full((rows,), guidance, jnp.float32) if model.guidance_in is not None else None
@@ -146,14 +160,14 @@ def denoise(
 
 
 def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, z: jax.Array, *, config: VAEConfig, match: str, latents_dtype
+    graphdef: nnx.GraphDef, params: nnx.State, latents: jax.Array, *, config: VAEConfig, unscale_dtype, h: int, w: int
 ) -> jax.Array:
-    """Latents [B, h, w, C] (float32) -> the VAE's output [B, H, W, 3] in about [-1, 1] (float32)."""
+    """Packed latents [B, L, 4C] of an h x w latent grid -> the VAE's output [B, H, W, 3], about [-1, 1], float32.
+
+    ``unscale_dtype``: where ``z / scale + shift`` is computed (diffusers: the pipeline dtype; BFL, ComfyUI: f32).
+    """
     decoder = nnx.merge(graphdef, params)
-    if match == "diffusers":  # latents / scale + shift in the pipeline dtype
-        z = denormalize_latents(z.astype(latents_dtype), config)
-    else:  # BFL and ComfyUI un-scale in float32
-        z = denormalize_latents(z, config)
+    z = denormalize_latents(unpack_latents(latents, h, w).astype(unscale_dtype), config)
     x = decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
     return constrain(x, (None, None, None, None))
 
@@ -209,7 +223,6 @@ class FluxSampler:
             mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
         )
         self.rules = rules
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._traces = 0
 
         def traced(*args, **kwargs):
@@ -221,7 +234,7 @@ class FluxSampler:
         self._denoise = jax.jit(traced, static_argnames=("match", "true_cfg"))
         self._decode = jax.jit(
             functools.partial(decode, self._decoder[0], config=self.vae_config),
-            static_argnames=("match", "latents_dtype"),
+            static_argnames=("unscale_dtype", "h", "w"),
         )
 
     @classmethod
@@ -276,39 +289,35 @@ class FluxSampler:
         true_cfg = settings.cfg > 1.0 and negative is not None
         if settings.cfg > 1.0 and negative is None:
             raise SamplingError(f"cfg {settings.cfg} > 1 is true CFG and needs a negative prompt (it may be empty)")
-        txt, y = prompts.t5, prompts.clip
         if true_cfg:
             if negative.batch not in (1, batch):
                 raise SamplingError(f"{negative.batch} negative prompts for {batch} prompts; give 1 or {batch}")
-            if negative.t5.shape[1] != txt.shape[1]:
+            if negative.t5.shape[1] != prompts.t5.shape[1]:
                 raise SamplingError(
-                    f"negative T5 length {negative.t5.shape[1]} differs from the prompts' {txt.shape[1]}; "
+                    f"negative T5 length {negative.t5.shape[1]} differs from the prompts' {prompts.t5.shape[1]}; "
                     "encode them together"
                 )
-            neg_t5 = jnp.broadcast_to(negative.t5, (batch, *negative.t5.shape[1:]))
-            neg_clip = jnp.broadcast_to(negative.clip, (batch, *negative.clip.shape[1:]))
-            txt, y = jnp.concatenate([neg_t5, txt]), jnp.concatenate([neg_clip, y])
-        compute = DTYPES[self.dtype]
         _, _, h, w = shape
-        x = pack_latents(jnp.asarray(np.ascontiguousarray(noise.transpose(0, 2, 3, 1)), jnp.float32))
-        x = x.astype(self._state_dtype(settings.match))
+        x = _pack(np.asarray(noise, np.float32)).astype(self._state_dtype(settings.match))
         # Schnell (no guidance embedding) samples the unshifted schedule.
         sig = schedules.sigmas(settings.match, settings.steps, x.shape[1], shift=self.model_config.guidance_embed)
         t = schedules.model_timesteps(settings.match, sig, self.dtype)
-        put = functools.partial(jax.device_put, device=self._replicated)
+        host = functools.partial(replicate, mesh=self.mesh)
         extra = (extra,) if isinstance(extra, nnx.State) else tuple(extra)
         with use_mesh(self.mesh, self.rules):
             out = self._denoise(
                 self.params,
                 extra,
-                put(x),
-                put(jnp.asarray(image_ids(h // 2, w // 2))),
-                put(txt.astype(compute)),
-                put(y.astype(compute)),
-                put(jnp.asarray(sig)),
-                put(jnp.asarray(t)),
-                put(jnp.float32(settings.guidance)),
-                put(jnp.float32(settings.cfg)),
+                host(x),
+                host(image_ids(h // 2, w // 2)),
+                prompts.t5,
+                prompts.clip,
+                negative.t5 if true_cfg else None,
+                negative.clip if true_cfg else None,
+                host(sig),
+                host(t),
+                host(np.float32(settings.guidance)),
+                host(np.float32(settings.cfg)),
                 match=settings.match,
                 true_cfg=true_cfg,
             )
@@ -317,9 +326,11 @@ class FluxSampler:
     def decode_raw(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:
         """Packed latents -> the VAE's float32 output [B, H, W, 3] (about [-1, 1]) on this host."""
         f = self.vae_config.spatial_factor
-        z = unpack_latents(latents, settings.height // f, settings.width // f)
+        unscale = DTYPES[self.dtype] if settings.match == "diffusers" else jnp.float32
         with use_mesh(self.mesh, self.rules):
-            x = self._decode(self._decoder[1], z, match=settings.match, latents_dtype=DTYPES[self.dtype])
+            x = self._decode(
+                self._decoder[1], latents, unscale_dtype=unscale, h=settings.height // f, w=settings.width // f
+            )
         return np.asarray(x.addressable_data(0))  # replicated: every host holds all of it
 
     def decode(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:

@@ -351,7 +351,8 @@ def test_plan_with_validation_compiles_the_sampler_for_the_target():
     # The VAE decoder (the demo encoders' tiny VAE: tiny.yaml configures none), replicated, in the compute dtype.
     vae = nnx.eval_shape(lambda: AutoEncoder(VAEConfig.tiny(), rngs=nnx.Rngs(0)))
     assert v["vae"] == sum(x.size * 4 for x in jax.tree.leaves(nnx.state(vae.decoder)))
-    assert v["prompts"] == 8 * (8 * 48 + 32) * 4  # 8 rows of T5 [8, 48] + CLIP [32] fp32, replicated
+    # The 4 prompts' and the negative prompt's T5 states [8, 48] and CLIP vectors [32], fp32, replicated.
+    assert v["prompts"] == (4 + 1) * (8 * 48 + 32) * 4
     assert v["sampling"] > 0 and v["decoding"] > 0 and v["flops"] > 0
     resident = v["base"] + v["vae"] + v["prompts"]
     peak = max(mem["total"] - mem["argument"], v["sampling"], v["decoding"])

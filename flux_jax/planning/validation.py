@@ -147,7 +147,7 @@ class ValidationMemory:
     vae: int
     """The VAE decoder's parameters (replicated)."""
     prompts: int
-    """The encoded prompts (and negative prompts with true CFG), kept between validations."""
+    """The encoded prompts (and the negative prompt with true CFG), kept between validations."""
     sampling: int
     """The denoising loop's peak beyond its weights and prompts: activations, latents, velocities."""
     decoding: int
@@ -273,8 +273,13 @@ def plan_validation(
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    txt = sds((rows, text_len, architecture.context_in_dim), compute)
-    y = sds((rows, architecture.vec_in_dim), compute)
+    # The prompts' T5 states and CLIP vectors, and one negative prompt's with true CFG (the loop concatenates the
+    # two branches itself: that copy is part of its working memory).
+    true_cfg = spec.cfg > 1
+    txt = sds((images, text_len, architecture.context_in_dim), compute)
+    y = sds((images, architecture.vec_in_dim), compute)
+    neg_txt = sds((1, text_len, architecture.context_in_dim), compute) if true_cfg else None
+    neg_y = sds((1, architecture.vec_in_dim), compute) if true_cfg else None
     loop_args = (
         (params,),
         (),
@@ -282,12 +287,14 @@ def plan_validation(
         sds((tokens, 3), jnp.float32),  # image ids
         txt,
         y,
+        neg_txt,
+        neg_y,
         sds((spec.steps + 1,), jnp.float32),  # sigmas
         sds((spec.steps,), jnp.float32),  # model timesteps
         sds((), jnp.float32),  # guidance
         sds((), jnp.float32),  # cfg
     )
-    loop = functools.partial(denoise, graphdef, match="diffusers", true_cfg=spec.cfg > 1)
+    loop = functools.partial(denoise, graphdef, match="diffusers", true_cfg=true_cfg)
 
     # The decoder is replicated and decodes every image on every chip: each chip runs the same one-device program,
     # with no communication, so it is compiled as that program for this machine's CPU rather than for the target.
@@ -300,11 +307,11 @@ def plan_validation(
     host = SingleDeviceSharding(jax.devices("cpu")[0])
     vae_params = jax.tree.map(lambda p: _sds(p, host), vae_params)
     f = vae_config.spatial_factor
-    z = jax.ShapeDtypeStruct((images, spec.height // f, spec.width // f, vae_config.latent_channels), jnp.float32,
-                             sharding=host)  # fmt: skip
-    vae_decode = functools.partial(decode, vae_graph, config=vae_config, match="diffusers", latents_dtype=state)
+    latents = jax.ShapeDtypeStruct((images, tokens, architecture.in_channels), jnp.float32, sharding=host)
+    vae_decode = functools.partial(decode, vae_graph, config=vae_config, unscale_dtype=state, h=spec.height // f,
+                                   w=spec.width // f)  # fmt: skip
 
-    weights, prompts = per_device_bytes(params), per_device_bytes((txt, y))
+    weights, prompts = per_device_bytes(params), per_device_bytes((txt, y, neg_txt, neg_y))
     base_bytes = per_device_bytes(base) if spec.base else 0
     vae_bytes = per_device_bytes(vae_params)
     common = dict(spec=spec, model=name, rows=rows, text_len=text_len, base=base_bytes, vae=vae_bytes,
@@ -312,7 +319,7 @@ def plan_validation(
     try:
         with use_mesh(mesh, cfg.mesh.rules):
             step = _compile(loop, *loop_args)
-        decoder = _compile(vae_decode, vae_params, z)  # outside the mesh: a one-device program
+        decoder = _compile(vae_decode, vae_params, latents)  # outside the mesh: a one-device program
     except jax.errors.JaxRuntimeError as e:
         oom = parse_oom(str(e))
         if oom is None:

@@ -191,6 +191,8 @@ def sample_pair(cfg: RunConfig, *, base: pathlib.Path, lora: pathlib.Path, promp
     initial noise) for both, on the run's mesh and dtypes with the run's encoders (the demo's generated ones unless
     configured). The LoRA is read back from the exported file, as another tool would read it."""
     import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
     from flux_jax.data.cache import DEMO_ENCODERS
     from flux_jax.data.encoding import resolve_encoder_paths
@@ -212,12 +214,12 @@ def sample_pair(cfg: RunConfig, *, base: pathlib.Path, lora: pathlib.Path, promp
     size = cfg.data.resolution
     settings = SampleSettings(width=size, height=size, steps=SAMPLE_STEPS, guidance=cfg.train.guidance,
                               seed=cfg.train.seed)  # fmt: skip
-    base_sampler = FluxSampler.from_model(model, vae, mesh=mesh, rules=rules)
-    plain = base_sampler.images(text, settings)
-    apply_lora_file(model, lora, mesh=mesh, rules=rules)  # the sampler above holds the base's own arrays
-    latents = FluxSampler.from_model(model, vae, mesh=mesh, rules=rules).latents(text, settings)
-    # The same VAE decodes both: the first sampler's decode is compiled already.
-    return settings, plain, base_sampler.decode(latents, settings)
+    apply_lora_file(model, lora, mesh=mesh, rules=rules)
+    sampler = FluxSampler.from_model(model, vae, mesh=mesh, rules=rules)
+    with_lora = sampler.images(text, settings)
+    # The base alone is the same model with all-zero adapters (they add exactly 0): one compiled loop for both.
+    off = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.LoRAParam))
+    return settings, sampler.images(text, settings, extra=off), with_lora
 
 
 def _losses(metrics: pathlib.Path) -> tuple[list[int], list[float]]:

@@ -4,11 +4,11 @@
 
 For each row (slice x resolution x base dtype) it runs `flux-jax plan --config configs/dev2pro_lora.yaml
 --mesh configs/mesh/<slice>.yaml --topology <slice> --resolution PX model.base_dtype=DTYPE` in a child process
-and prints a markdown table of: the mesh and batch per chip (from the slice's mesh config), per-chip HBM of one
-step against capacity, fits or not, the step's matmul FLOPs per chip (every scanned layer counted) and those
-FLOPs at the chip's peak FLOP/s (a floor for s/step: 100% MFU). Results are appended to --results as JSON lines
-and reused on the next run, so an interrupted table resumes (full-size compiles take minutes each); --fresh
-ignores them.
+and prints a markdown table of: the mesh and batch per chip (from the slice's mesh config), per-chip HBM of the run
+(one step, and validation's when the config has it on) against capacity, fits or not, the step's matmul FLOPs per
+chip (every scanned layer counted) and those FLOPs at the chip's peak FLOP/s (a floor for s/step: 100% MFU).
+Results are appended to --results as JSON lines and reused on the next run, so an interrupted table resumes
+(full-size compiles take minutes each); --fresh ignores them.
 Needs libtpu (the tpu extra); no TPU.
 """
 
@@ -89,7 +89,8 @@ def markdown(results: dict[str, dict]) -> str:
         mesh = " x ".join(str(v) for v in p["mesh"].values())
         per_chip = p["batch_size"] / p["target"]["chips"]
         mem = p["memory"]
-        used = f"{_gib(mem['total'])} / {_gib(p['capacity'])}" + (" (compiler)" if mem["from_compiler_error"] else "")
+        total = p.get("total", mem["total"])  # results from before validation planning have no run total
+        used = f"{_gib(total)} / {_gib(p['capacity'])}" + (" (compiler)" if mem["from_compiler_error"] else "")
         fits = "yes" if p["fits"] else "**no**"
         tflop = "-" if p["flops"] is None else f"{p['flops'] / 1e12:.0f}"
         times = f"{tflop} | {_s(p['seconds_at_peak'])} | {p['compile_seconds']:.0f}"

@@ -10,16 +10,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from flux_jax import cli
 from flux_jax.model.config import PRESETS
 from flux_jax.planning.fit import Memory, Plan, format_report, parse_oom
 from flux_jax.planning.hlo_flops import count_flops
 from flux_jax.planning.topology import TopologyError, aot_environment, environment_ready, parse_target
+from flux_jax.planning.validation import ValidationMemory, ValidationSpec, validation_spec
 from flux_jax.train.metrics import useful_flops_per_sample
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (tpu extra) not installed")
@@ -221,3 +227,133 @@ def test_hbm_override_decides_the_verdict():
     small = dataclasses.replace(plan, capacity=int(7.5 * 2**30))
     assert not small.fits and "does not fit: 8.00 GiB of 7.50 GiB per chip" in format_report(small)
     assert json.loads(json.dumps(small.to_dict()))["fits"] is False
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation during training: what the sampler adds to the plan
+
+
+def _with_validation(**fields):
+    """A run config stand-in with a ``validation`` section of ``fields`` (read with getattr, so any subset)."""
+    return types.SimpleNamespace(validation=types.SimpleNamespace(**fields), data=types.SimpleNamespace(resolution=512))
+
+
+def test_validation_spec_reads_the_section_with_defaults(tmp_path):
+    spec, notes = validation_spec(_with_validation(every=100, prompts=["a cat", "a dog"], seeds=(1, 2, 3), cfg=3.5))
+    assert notes == ()
+    assert (spec.every, spec.prompts, spec.seeds, spec.cfg) == (100, 2, 3, 3.5)
+    # Unset: the training resolution, 28 steps, the training base, a second base stored fp8.
+    assert (spec.width, spec.height, spec.steps, spec.base, spec.base_dtype) == (512, 512, 28, "", "fp8")
+    assert spec.images == 6 and spec.model_rows == 12  # true CFG: both branches in one call
+    assert validation_spec(_with_validation(every=1, prompts=["a"], cfg=1.0))[0].model_rows == 1
+    sized = _with_validation(every=5, prompts=["a"], seed=7, width=768, height=1024, base="/x/dev", base_dtype="bf16")
+    spec = validation_spec(sized)[0]
+    assert (spec.seeds, spec.width, spec.height, spec.base, spec.base_dtype) == (1, 768, 1024, "/x/dev", "bf16")
+    assert spec.image_tokens == 48 * 64
+    # A prompt file counts its non-blank lines; one not on this machine is planned as one prompt, with a note.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n  \na bird\n")
+    assert validation_spec(_with_validation(every=1, prompts=str(prompts)))[0].prompts == 3
+    spec, notes = validation_spec(_with_validation(every=1, prompts="gs://bucket/prompts.txt"))
+    assert spec.prompts == 1 and "not a file on this machine" in notes[0]
+
+
+def test_validation_off_plans_as_before():
+    assert validation_spec(types.SimpleNamespace(data=None)) == (None, ())  # a config without the section
+    assert validation_spec(_with_validation(every=0, prompts=["a"]))[0] is None
+    assert validation_spec(_with_validation(every=None, prompts=["a"]))[0] is None
+    assert validation_spec(_with_validation(every=10, prompts=[]))[0] is None
+    assert validation_spec(_with_validation(every=10))[0] is None
+
+
+GIB = 2**30
+
+
+def _validation_memory(**kw) -> ValidationMemory:
+    spec = ValidationSpec(every=50, prompts=2, seeds=2, width=1024, height=1024, cfg=3.5, base="dev", base_dtype="fp8")
+    fields = dict(spec=spec, model="dev", rows=8, text_len=512, base=3 * GIB, vae=GIB // 8, prompts=GIB // 8,
+                  sampling=2 * GIB, decoding=GIB, flops=2e15)  # fmt: skip
+    return ValidationMemory(**{**fields, **kw})
+
+
+def test_plan_total_is_resident_plus_the_larger_peak():
+    # The sampler's peak happens between steps: the run needs the step's arguments + validation's resident
+    # memory + max(step peak, sampler peak), not the sum of the two programs.
+    target = parse_target("v5e-4")
+    memory = Memory(argument=6 * GIB, output=GIB, temp=4 * GIB, alias=GIB, total=10 * GIB)
+    plan = Plan(target=target, model="dev", mesh={"data": 1, "fsdp": 4, "tensor": 1}, batch_size=4, grad_accum=1,
+                resolution=1024, text_len=512, base_dtype="fp8", remat="full", attention="xla", memory=memory,
+                capacity=target.hbm_bytes, flops=1e14, xla_flops=1e12, xla_optimal_seconds=None,
+                seconds_at_peak=1e14 / 197e12, peak_flops=197e12, compile_seconds=1.0)  # fmt: skip
+    assert plan.total == 10 * GIB
+    small = dataclasses.replace(plan, validation=_validation_memory())
+    assert small.validation.resident == 3 * GIB + GIB // 4 and small.validation.peak == 2 * GIB
+    assert small.total == 6 * GIB + (3 * GIB + GIB // 4) + 4 * GIB  # the step's own 4 GiB is the larger peak
+    big = dataclasses.replace(plan, validation=_validation_memory(sampling=5 * GIB, decoding=7 * GIB))
+    assert big.total == 6 * GIB + (3 * GIB + GIB // 4) + 7 * GIB  # the decode is
+    assert big.fits is False and big.to_dict()["total"] == big.total
+    report = format_report(small)
+    assert "validation every 50 steps: 2 prompt(s) x 2 seed(s) at 1024x1024, 28 steps, true CFG 3.5" in report
+    assert "  base         +3.00 GiB (dev as fp8, sharded like the training base)" in report
+    assert "  VAE decoder  +0.12 GiB (replicated)" in report
+    assert "  sampling     2.00 GiB" in report and "  decoding     1.00 GiB" in report
+    assert "  with validation  13.25 GiB" in report and "s/validation at peak  10.2 s" in report
+    assert report.endswith("fits: 13.25 GiB of 16.00 GiB per chip on v5e-4")
+    same_base = dataclasses.replace(small, validation=_validation_memory(
+        spec=dataclasses.replace(small.validation.spec, base=""), model="the training base", base=0))  # fmt: skip
+    assert "+0.00 GiB (the training base (no second copy))" in format_report(same_base)
+    refused = dataclasses.replace(plan, validation=_validation_memory(sampling=40 * GIB, from_compiler_error=True))
+    assert not refused.fits and "the compiler's figure" in format_report(refused)
+    data = json.loads(json.dumps(small.to_dict()))
+    assert data["validation"]["spec"]["base_dtype"] == "fp8" and data["total"] == small.total
+
+
+PLAN_WITH_VALIDATION = """
+import json, sys
+from flux_jax.planning.fit import plan
+from flux_jax.planning.topology import parse_target
+from flux_jax.planning.validation import ValidationSpec
+from flux_jax.run_config import load_config
+
+cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4"])
+spec = ValidationSpec(**json.loads(sys.argv[1]))
+print(json.dumps(plan(cfg, parse_target("v5e:2x2"), text_len=8, validation=spec).to_dict()))
+"""
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_plan_with_validation_compiles_the_sampler_for_the_target():
+    from flux_jax.dtypes import DTYPES, storage_dtype
+    from flux_jax.encoders.vae import AutoEncoder, VAEConfig
+    from flux_jax.train.build import BASE_PARAMS, random_flux
+
+    # Four images (2 prompts x 2 seeds) with true CFG at 128 px on a second tiny base stored fp8, FSDP over 4 chips.
+    spec = dict(every=10, prompts=2, seeds=2, width=128, height=128, steps=4, cfg=2.0, base="dev-elsewhere")
+    env = {**os.environ, **aot_environment(parse_target("v5e:2x2"))}
+    run = subprocess.run([sys.executable, "-c", PLAN_WITH_VALIDATION, json.dumps(spec)], env=env, text=True,
+                         capture_output=True, check=True)  # fmt: skip
+    plan = json.loads(run.stdout.strip().splitlines()[-1])
+    v, mem = plan["validation"], plan["memory"]
+    assert plan["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert v["rows"] == 8 and v["spec"]["base_dtype"] == "fp8"
+    assert any("'dev-elsewhere' is not on this machine" in n for n in plan["notes"])
+
+    # The second base: the tiny base's parameters in fp8 storage (kernels fp8, the rest bf16), a quarter or more
+    # of them per chip (FSDP over 4; dims that 4 does not divide stay whole).
+    def tiny_fp8():
+        kw = dict(base_dtype="fp8", compute_dtype="fp32", attention="xla", remat="none")
+        return random_flux(PRESETS["tiny"], seed=0, **kw)
+
+    base = nnx.state(nnx.eval_shape(tiny_fp8), BASE_PARAMS)
+    full = sum(x.size * storage_dtype(p, DTYPES["fp8"]).itemsize for p, x in nnx.to_flat_state(base))
+    assert full / 4 <= v["base"] < full
+    # The VAE decoder (the demo encoders' tiny VAE: tiny.yaml configures none), replicated, in the compute dtype.
+    vae = nnx.eval_shape(lambda: AutoEncoder(VAEConfig.tiny(), rngs=nnx.Rngs(0)))
+    assert v["vae"] == sum(x.size * 4 for x in jax.tree.leaves(nnx.state(vae.decoder)))
+    # The 4 prompts' and the negative prompt's T5 states [8, 48] and CLIP vectors [32], fp32, replicated.
+    assert v["prompts"] == (4 + 1) * (8 * 48 + 32) * 4
+    assert v["sampling"] > 0 and v["decoding"] > 0 and v["flops"] > 0
+    resident = v["base"] + v["vae"] + v["prompts"]
+    peak = max(mem["total"] - mem["argument"], v["sampling"], v["decoding"])
+    assert plan["total"] == mem["argument"] + resident + peak and plan["fits"] is True

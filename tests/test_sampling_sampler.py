@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from flux_jax.data.demo import DemoDims, build_demo_encoders
 from flux_jax.errors import CheckpointError
@@ -17,6 +19,7 @@ from flux_jax.sampling.prompts import PromptEncoder
 from flux_jax.sampling.sampler import FluxSampler, SampleSettings, SamplingError, to_uint8
 from flux_jax.sharding import make_mesh
 from flux_jax.weights.convert import convert_checkpoint
+from tests.helpers.lora_reference import randomize_lora
 from tests.helpers.torch_reference import diffusers_flux
 
 PROMPTS = ["a photo of a red fox", "a lighthouse at dusk"]
@@ -184,3 +187,23 @@ def test_bases_are_checked_before_any_weights_are_read(pipeline, tmp_path):
         resolve_base(transformer, tmp_path / "enc")
     base = resolve_base(transformer, pipeline)
     assert base.transformer == str(transformer) and base.encoders.vae == pipeline / "vae"
+
+
+def test_extra_states_complete_or_replace_the_params(pipeline, one_device):
+    """The trainer's way: the frozen base as ``params`` and the LoRA values per call as ``extra``, completing the
+    model; over a model that has adapters, ``extra`` replaces their values."""
+    mesh = one_device[0].mesh
+    base = resolve_base(pipeline)
+    model = load_transformer(base.transformer, dtype="fp32", compute_dtype="fp32", mesh=mesh)
+    randomize_lora(model, rank=2, alpha=2.0, targets="all_blocks", seed=3, up_std=0.5)
+    vae = load_vae_for(base.encoders, dtype="fp32", mesh=mesh)
+    cond = one_device[1].encode(PROMPTS[:1])
+    whole = FluxSampler.from_model(model, vae, mesh=mesh)
+    want = np.asarray(whole.latents(cond, SMALL))
+    graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    split = FluxSampler(graphdef, (frozen,), vae, config=model.config, dtype="fp32", mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(split.latents(cond, SMALL, extra=lora)), want)
+    zero = jax.tree.map(jnp.zeros_like, lora)  # B = 0 as well as A: the adapters add nothing
+    plain = np.asarray(one_device[0].latents(cond, SMALL))
+    np.testing.assert_allclose(np.asarray(whole.latents(cond, SMALL, extra=zero)), plain, atol=1e-6, rtol=0)
+    assert np.abs(want - plain).max() > 1e-3  # the LoRA did change the picture

@@ -2,7 +2,10 @@
 
 Compiles the real training step for the slice with libtpu (the `tpu` extra), on abstract full-size inputs, and
 prints per-chip HBM (arguments, outputs, temporaries, total) against the chip's capacity plus FLOP and time
-estimates. Exit status: 0 when the step fits, 1 when it does not ("does not fit"), 2 on bad input.
+estimates. With validation on (the config's `validation` section), the sampler is planned too: a validation base
+other than the training base, the VAE decoder, the prompts, and the sampler's own peak between steps, and the
+verdict is on the run's total with validation. Exit status: 0 when the run fits, 1 when it does not ("does not
+fit"), 2 on bad input.
 
 libtpu must be initialised with the environment of `flux_jax.planning.topology.AOT_ENV` before JAX starts; when
 this process was not started with it, the command runs itself again in a child process that is.

@@ -7,6 +7,12 @@ target's compile-only devices, compiles it ahead of time for that TPU, and retur
   outputs, temporaries (activations, gathered weights), minus outputs aliasing donated inputs; the step fits when
   that total is within the chip's HBM. When the TPU compiler itself runs out of HBM it refuses to compile; the
   plan then reports its "used / available" figures and does not fit.
+- with validation on (a ``validation`` section with prompts and ``every`` >= 1), the sampler's denoising loop is
+  compiled for the same devices too, and its VAE decode for this machine's CPU (``planning.validation``):
+  validation's resident memory (a validation base other than the training base, the VAE decoder, the encoded
+  prompts) is held throughout, and the sampler's peak happens between steps, so the run needs the step's arguments
+  + validation's resident memory + max(the step's own peak, the sampler's): ``Plan.total``, which is what the plan
+  checks against the chip's HBM.
 - FLOPs: XLA's ``cost_analysis()`` counts a loop body once, and the model runs its blocks in scanned loops, so the
   per-chip matmul FLOPs of a step are counted from the compiled HLO with every loop counted as many times as it
   runs (``hlo_flops``). The step-time estimate is those FLOPs at the chip's peak FLOP/s: a floor (100% of peak;
@@ -28,6 +34,13 @@ from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import PRESETS, FluxConfig
 from flux_jax.planning import hlo_flops
 from flux_jax.planning.topology import TpuTarget, devices, peak_flops
+from flux_jax.planning.validation import (
+    ValidationMemory,
+    ValidationSpec,
+    plan_validation,
+    report_lines,
+    validation_spec,
+)
 from flux_jax.run_config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -80,10 +93,23 @@ class Plan:
     peak_flops: float | None
     compile_seconds: float
     notes: tuple[str, ...] = ()
+    validation: ValidationMemory | None = None
+    """What validation during training adds (None when it is off or was not planned)."""
+
+    @property
+    def total(self) -> int:
+        """Per-chip bytes the run needs: the step's, or with validation the step's arguments + validation's
+        resident memory + the larger of the step's own peak and the sampler's (they never overlap)."""
+        m, v = self.memory, self.validation
+        if v is None or m.from_compiler_error:
+            return m.total
+        return m.argument + v.resident + max(m.total - m.argument, v.peak)
 
     @property
     def fits(self) -> bool:
-        return not self.memory.from_compiler_error and self.memory.total <= self.capacity
+        sampler_refused = self.validation is not None and self.validation.from_compiler_error
+        refused = self.memory.from_compiler_error or sampler_refused
+        return not refused and self.total <= self.capacity
 
     @property
     def per_chip_batch(self) -> float:
@@ -94,6 +120,7 @@ class Plan:
         out["target"] = {"name": self.target.name, "topology": self.target.topology, "chips": self.target.chips,
                          "hbm_gib": self.target.generation.hbm_gib}  # fmt: skip
         out["fits"] = self.fits
+        out["total"] = self.total
         out["notes"] = list(self.notes)
         return out
 
@@ -134,9 +161,13 @@ def parse_oom(message: str) -> tuple[int, int] | None:
     return None
 
 
-def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
-         hbm_bytes: int | None = None) -> Plan:  # fmt: skip
-    """Compile ``cfg``'s training step for ``target`` and measure it (see the module docstring)."""
+FROM_CONFIG = "config"
+
+
+def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN, hbm_bytes: int | None = None,
+         validation: ValidationSpec | None | str = FROM_CONFIG) -> Plan:  # fmt: skip
+    """Compile ``cfg``'s training step (and its validation sampler) for ``target`` and measure them (see the module
+    docstring). ``validation``: the validation settings to plan, None for none; by default the config's."""
     import jax
 
     from flux_jax.sharding import make_mesh
@@ -144,6 +175,9 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
     from flux_jax.train.step import memory_summary
 
     model_config, model_name, notes = resolve_model(cfg)
+    if validation == FROM_CONFIG:
+        validation, more = validation_spec(cfg)
+        notes = (*notes, *more)
     devs = devices(target)
     mesh = make_mesh(*cfg.mesh.shape, devices=devs)
     step = abstract_step(cfg, mesh, model_config=model_config)
@@ -167,6 +201,8 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
         memory = Memory(argument=0, output=0, temp=0, alias=0, total=oom[0], from_compiler_error=True)
         note = (f"the TPU compiler ran out of HBM: the step needs {_gib(oom[0])} per chip, the compiler can use "
                 f"{_gib(oom[1])}")  # fmt: skip
+        if validation is not None:
+            note += "; validation was not planned"
         return Plan(memory=memory, flops=None, xla_flops=None, xla_optimal_seconds=None, seconds_at_peak=None,
                     compile_seconds=time.perf_counter() - start, notes=(*notes, note), **common)  # fmt: skip
     seconds = time.perf_counter() - start
@@ -183,9 +219,17 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
     count = hlo_flops.count_flops(compiled.as_text())
     if count.unknown_loops:
         notes = (*notes, f"{count.unknown_loops} loop(s) with an unreadable trip count were counted once")
+    sampler = None
+    if validation is not None:
+        log.info("compiling the validation sampler (%d images at %dx%d)", validation.images, validation.width,
+                 validation.height)  # fmt: skip
+        start = time.perf_counter()
+        sampler, more = plan_validation(cfg, validation, mesh, model_config=model_config, text_len=text_len)
+        seconds += time.perf_counter() - start
+        notes = (*notes, *more)
     return Plan(memory=memory, flops=count.flops, xla_flops=xla_flops, xla_optimal_seconds=optimal,
                 seconds_at_peak=count.flops / peak if peak else None,
-                compile_seconds=seconds, notes=notes, **common)  # fmt: skip
+                compile_seconds=seconds, notes=notes, validation=sampler, **common)  # fmt: skip
 
 
 def _gib(n: float) -> str:
@@ -215,8 +259,14 @@ def format_report(p: Plan) -> str:
             f"  outputs      {_gib(m.output)}",
             f"  temporaries  {_gib(m.temp)}",
             f"  donated      -{_gib(m.alias)} (outputs reusing donated inputs)",
-            f"  total        {_gib(m.total)}",
+            f"  total        {_gib(m.total)}" + (" (the train step)" if p.validation is not None else ""),
         ]
+    if p.validation is not None and not m.from_compiler_error:
+        v = p.validation
+        lines += report_lines(v, _gib, p.peak_flops)
+        lines.append(f"  with validation  {_gib(p.total)} (step arguments {_gib(m.argument)} + validation's "
+                     f"{_gib(v.resident)} + the larger of the step's {_gib(m.total - m.argument)} and the "
+                     f"sampler's {_gib(v.peak)})")  # fmt: skip
     lines.append(f"  capacity     {_gib(p.capacity)}")
     if p.flops is not None:
         lines += ["", "compute per chip and step"]
@@ -233,5 +283,5 @@ def format_report(p: Plan) -> str:
         lines.append(f"note: {note}")
     lines.append("")
     verdict = "fits" if p.fits else "does not fit"
-    lines.append(f"{verdict}: {_gib(p.memory.total)} of {_gib(p.capacity)} per chip on {t.name}")
+    lines.append(f"{verdict}: {_gib(p.total)} of {_gib(p.capacity)} per chip on {t.name}")
     return "\n".join(lines)

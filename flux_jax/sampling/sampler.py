@@ -32,6 +32,7 @@ from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.dtypes import DTYPES, dtype_name
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig, denormalize_latents
 from flux_jax.errors import FluxJaxError
+from flux_jax.model.config import FluxConfig
 from flux_jax.model.latents import image_ids, unpack_latents
 from flux_jax.sampling import noise as noise_lib
 from flux_jax.sampling import schedules
@@ -109,6 +110,16 @@ def _euler(match: str, x: jax.Array, v: jax.Array, sigma: jax.Array, sigma_next:
     return (x.astype(f32) + step.astype(f32)).astype(x.dtype)
 
 
+def merge_states(graphdef: nnx.GraphDef, params: Sequence[nnx.State], extra: Sequence[nnx.State] = ()) -> nnx.Module:
+    """The model from its graph and states, later states overriding earlier ones path by path: ``extra`` may
+    replace variables ``params`` already holds (new LoRA values over a model that has adapters) or complete them
+    (the trainer's LoRA over its frozen base)."""
+    flat: dict = {}
+    for state in (*params, *extra):
+        flat.update(dict(state.flat_state()))
+    return nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+
+
 def denoise(
     graphdef: nnx.GraphDef,
     params: tuple[nnx.State, ...],
@@ -132,7 +143,7 @@ def denoise(
     ``txt`` / ``y``: the prompts' T5 states and CLIP vectors; ``neg_txt`` / ``neg_y`` (1 or B rows) the negative
     prompt's when ``true_cfg``; ``sigmas`` [N + 1]; ``timesteps`` [N] the values the model embeds (/ 1000).
     """
-    model = nnx.merge(graphdef, *params, *extra)
+    model = merge_states(graphdef, params, extra)
     compute = model.dtype
     batch = x.shape[0]
     if true_cfg:  # one model call over [negative; positive]
@@ -193,8 +204,10 @@ class FluxSampler:
     """Samples images from a Flux transformer (any loaded base, with or without LoRA adapters) and a VAE.
 
     ``graphdef`` / ``params`` are the model split by ``nnx.split`` (``from_model`` does it); ``params`` may be a
-    tuple of states (e.g. the trainer's frozen base), and every call may pass ``extra`` states merged on top (the
-    trainer's current LoRA values), so the same compiled loop serves every validation step. Weights stay where
+    tuple of states (e.g. the trainer's frozen base), and every call may pass ``extra`` states merged on top,
+    replacing or completing ``params`` (the trainer's current LoRA values), so the same compiled loop serves every
+    validation step. ``config`` (the transformer's) and ``dtype`` (its compute dtype, "fp32" or "bf16") are read
+    from the graph when not given, which needs ``params`` to hold every variable. Weights stay where
     they are (FSDP-sharded on ``mesh`` for a big base); the latents and text are replicated.
     """
 
@@ -204,15 +217,19 @@ class FluxSampler:
         params: nnx.State | Sequence[nnx.State],
         vae: AutoEncoder,
         *,
+        config: FluxConfig | None = None,
         mesh: Mesh | None = None,
         rules: Rules = DEFAULT_RULES,
         dtype: str | None = None,
     ):
         self.graphdef = graphdef
         self.params = (params,) if isinstance(params, nnx.State) else tuple(params)
-        model = nnx.merge(graphdef, *jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params))
-        self.model_config = model.config
-        dtype = dtype or dtype_name(model.dtype, SAMPLE_DTYPES)
+        if config is None or dtype is None:  # read from the graph (``params`` must then hold every variable)
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+            model = nnx.merge(graphdef, *shapes)
+            config = config or model.config
+            dtype = dtype or dtype_name(model.dtype, SAMPLE_DTYPES)
+        self.model_config: FluxConfig = config
         if dtype not in SAMPLE_DTYPES:
             raise SamplingError(f"dtype {dtype!r} is not one of {', '.join(SAMPLE_DTYPES)}")
         self.dtype = dtype
@@ -240,6 +257,7 @@ class FluxSampler:
     @classmethod
     def from_model(cls, model: nnx.Module, vae: AutoEncoder, **kwargs) -> FluxSampler:
         graphdef, params = nnx.split(model)
+        kwargs.setdefault("config", model.config)
         return cls(graphdef, params, vae, **kwargs)
 
     @property

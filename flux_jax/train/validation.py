@@ -441,19 +441,6 @@ class Validation:
         return names
 
 
-def _lora_sampler(
-    graphdef: nnx.GraphDef, params: Sequence[nnx.State], template: nnx.State, vae: Any, **kwargs: Any
-) -> FluxSampler:
-    """A sampler over ``params`` whose LoRA values come with each call (``extra``).
-
-    FluxSampler's constructor reads the model's config by merging ``graphdef`` with ``params`` alone, which needs
-    every variable; the adapters' shapes (``template``) complete them there, and only ``params`` are kept.
-    """
-    sampler = FluxSampler(graphdef, (*params, template), vae, **kwargs)
-    sampler.params = tuple(params)
-    return sampler
-
-
 def build_validation(
     cfg: RunConfig,
     inputs: ValidationInputs,
@@ -512,8 +499,9 @@ def build_validation(
         else:
             params = (frozen,)
         sampling_def = sampling_graphdef(graphdef, (template, *params), lora_scale=v.lora_scale)
-        sampler = _lora_sampler(
-            sampling_def, params, template, vae, mesh=mesh, rules=rules, dtype=cfg.model.compute_dtype
+        # config and dtype given: ``params`` lack the LoRA values, which come with each call as ``extra``.
+        sampler = FluxSampler(
+            sampling_def, params, vae, config=model_cfg, mesh=mesh, rules=rules, dtype=cfg.model.compute_dtype
         )
     loss = None
     if inputs.loss_source is not None:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from flux_jax.planning.fit import Memory, Plan, format_report, parse_oom
 from flux_jax.planning.hlo_flops import count_flops
 from flux_jax.planning.topology import TopologyError, aot_environment, environment_ready, parse_target
 from flux_jax.planning.validation import ValidationMemory, ValidationSpec, validation_spec
+from flux_jax.run_config import from_dict, parse_override
 from flux_jax.train.metrics import useful_flops_per_sample
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (tpu extra) not installed")
@@ -233,37 +233,49 @@ def test_hbm_override_decides_the_verdict():
 # Validation during training: what the sampler adds to the plan
 
 
-def _with_validation(**fields):
-    """A run config stand-in with a ``validation`` section of ``fields`` (read with getattr, so any subset)."""
-    return types.SimpleNamespace(validation=types.SimpleNamespace(**fields), data=types.SimpleNamespace(resolution=512))
+def _run_config(*overrides: str):
+    """The default run config with ``validation.*`` overrides."""
+    tree = from_dict({}).to_dict()
+    for item in overrides:
+        tree = _set(tree, *parse_override(item))
+    return from_dict(tree)
 
 
-def test_validation_spec_reads_the_section_with_defaults(tmp_path):
-    spec, notes = validation_spec(_with_validation(every=100, prompts=["a cat", "a dog"], seeds=(1, 2, 3), cfg=3.5))
+def _set(tree: dict, dotted: str, value) -> dict:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    return tree
+
+
+def test_validation_spec_reads_the_section(tmp_path):
+    cfg = _run_config("validation.every=100", "validation.prompts=[a cat, a dog]", "validation.seeds=[1, 2, 3]",
+                      "validation.cfg=3.5")  # fmt: skip
+    spec, notes = validation_spec(cfg)
     assert notes == ()
-    assert (spec.every, spec.prompts, spec.seeds, spec.cfg) == (100, 2, 3, 3.5)
-    # Unset: the training resolution, 28 steps, the training base, a second base stored fp8.
-    assert (spec.width, spec.height, spec.steps, spec.base, spec.base_dtype) == (512, 512, 28, "", "fp8")
-    assert spec.images == 6 and spec.model_rows == 12  # true CFG: both branches in one call
-    assert validation_spec(_with_validation(every=1, prompts=["a"], cfg=1.0))[0].model_rows == 1
-    sized = _with_validation(every=5, prompts=["a"], seed=7, width=768, height=1024, base="/x/dev", base_dtype="bf16")
+    assert (spec.every, spec.prompts, spec.seeds, spec.cfg, spec.batch) == (100, 2, 3, 3.5, 4)
+    assert (spec.width, spec.height, spec.steps, spec.base, spec.base_dtype) == (512, 512, 20, "", "fp8")
+    assert spec.images == 6 and spec.model_rows == 8  # a batch of 4 images per call; true CFG: both branches
+    one = _run_config("validation.every=1", "validation.prompts=[a]")
+    assert validation_spec(one)[0].model_rows == 1  # fewer images than a batch, no CFG
+    sized = _run_config("validation.every=5", "validation.prompts=[a]", "validation.width=768",
+                        "validation.height=1024", "validation.base=/x/dev", "validation.base_dtype=bf16")  # fmt: skip
     spec = validation_spec(sized)[0]
     assert (spec.seeds, spec.width, spec.height, spec.base, spec.base_dtype) == (1, 768, 1024, "/x/dev", "bf16")
     assert spec.image_tokens == 48 * 64
     # A prompt file counts its non-blank lines; one not on this machine is planned as one prompt, with a note.
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n  \na bird\n")
-    assert validation_spec(_with_validation(every=1, prompts=str(prompts)))[0].prompts == 3
-    spec, notes = validation_spec(_with_validation(every=1, prompts="gs://bucket/prompts.txt"))
+    assert validation_spec(_run_config("validation.every=1", f"validation.prompts_file={prompts}"))[0].prompts == 3
+    spec, notes = validation_spec(_run_config("validation.every=1", "validation.prompts_file=gs://bucket/prompts.txt"))
     assert spec.prompts == 1 and "not a file on this machine" in notes[0]
 
 
 def test_validation_off_plans_as_before():
-    assert validation_spec(types.SimpleNamespace(data=None)) == (None, ())  # a config without the section
-    assert validation_spec(_with_validation(every=0, prompts=["a"]))[0] is None
-    assert validation_spec(_with_validation(every=None, prompts=["a"]))[0] is None
-    assert validation_spec(_with_validation(every=10, prompts=[]))[0] is None
-    assert validation_spec(_with_validation(every=10))[0] is None
+    assert validation_spec(from_dict({})) == (None, ())
+    assert validation_spec(_run_config("validation.every=0", "validation.prompts=[a]")) == (None, ())
 
 
 GIB = 2**30
@@ -351,8 +363,9 @@ def test_plan_with_validation_compiles_the_sampler_for_the_target():
     # The VAE decoder (the demo encoders' tiny VAE: tiny.yaml configures none), replicated, in the compute dtype.
     vae = nnx.eval_shape(lambda: AutoEncoder(VAEConfig.tiny(), rngs=nnx.Rngs(0)))
     assert v["vae"] == sum(x.size * 4 for x in jax.tree.leaves(nnx.state(vae.decoder)))
-    # The 4 prompts' and the negative prompt's T5 states [8, 48] and CLIP vectors [32], fp32, replicated.
-    assert v["prompts"] == (4 + 1) * (8 * 48 + 32) * 4
+    # The 2 prompts' T5 states [8, 48] and CLIP vectors [32], and the negative prompt's beside each (true CFG
+    # encodes it at each prompt's T5 length), fp32, replicated.
+    assert v["prompts"] == (2 * 2) * (8 * 48 + 32) * 4
     assert v["sampling"] > 0 and v["decoding"] > 0 and v["flops"] > 0
     resident = v["base"] + v["vae"] + v["prompts"]
     peak = max(mem["total"] - mem["argument"], v["sampling"], v["decoding"])

@@ -6,17 +6,18 @@ Validation samples images between train steps, so three things are added to a pl
   in ``validation.base_dtype``, sharded by the same logical-axis rules as the training base), the VAE decoder
   (replicated) and the encoded prompts (T5 states and CLIP pooled vectors; the text encoders are freed);
 - the sampler's peak: its denoising loop (``flux_jax.sampling.sampler.denoise``: a scan over the steps, so one
-  step's peak is the loop's), the transformer's forward pass at the validation size on prompts x seeds rows
-  (twice that with true CFG: both branches in one call), with no gradients and no remat; and its VAE decode
-  (``sampler.decode``). The sampler replicates latents and text over the mesh while the weights stay sharded, so
-  every chip runs every row. Both programs are the sampler's own functions, read from ``memory_analysis()`` as
-  ``fit.plan`` reads the train step's: the loop compiled for the target's devices, the decode (a one-device program
-  on every chip) for this machine's CPU, which is quick and whose figure is the larger (see ``plan_validation``);
+  step's peak is the loop's), the transformer's forward pass at the validation size on ``validation.batch`` rows
+  (prompts x seeds when fewer; twice that with true CFG: both branches in one call), with no gradients and no
+  remat; and its VAE decode (``sampler.decode``). The sampler replicates latents and text over the mesh while the
+  weights stay sharded, so every chip runs every row. Both programs are the sampler's own functions, read from
+  ``memory_analysis()`` as ``fit.plan`` reads the train step's: the loop compiled for the target's devices, the
+  decode (a one-device program on every chip) for this machine's CPU, which is quick and whose figure is the
+  larger (see ``plan_validation``);
 - none of the sampler's activations coexist with the train step's: the plan's total is the resident memory plus
   max(train step peak, sampling peak), not their sum (``fit.Plan.total``).
 
-The ``validation`` section of the run config is read field by field with defaults (``validation_spec``), so
-a config without it (or with only some fields) plans as before.
+``validation_spec`` reads the run config's ``validation`` section; with ``validation.every`` unset the plan is
+the train step's alone.
 """
 
 from __future__ import annotations
@@ -66,69 +67,54 @@ class ValidationSpec:
     steps: int = DEFAULT_STEPS
     cfg: float = 1.0
     """True-CFG scale; above 1 the negative branch doubles the transformer's batch."""
+    batch: int = 4
+    """Images per sampler call (``validation.batch``)."""
     base: str = ""
     """The validation base; "" = the training base (no second set of weights)."""
     base_dtype: str = DEFAULT_BASE_DTYPE
 
     @property
     def images(self) -> int:
-        """Images per validation: prompts x seeds (one batch)."""
+        """Images per validation: prompts x seeds."""
         return self.prompts * self.seeds
 
     @property
+    def per_call(self) -> int:
+        """Images per sampler call: a batch (all of them when fewer)."""
+        return min(self.batch, self.images)
+
+    @property
     def model_rows(self) -> int:
-        """Rows of each transformer call: the images, twice with true CFG."""
-        return self.images * (2 if self.cfg > 1 else 1)
+        """Rows of each transformer call: a call's images, twice with true CFG."""
+        return self.per_call * (2 if self.cfg > 1 else 1)
 
     @property
     def image_tokens(self) -> int:
         return packed_seq_len(self.height, self.width)
 
 
-def _count(value: Any) -> int | None:
-    """How many of something a config value names: a sequence's length, 1 for a scalar, None for nothing."""
-    if value is None or value == "" or value == ():
-        return None
-    if isinstance(value, str | int | float):
-        return 1
-    return len(value)
-
-
-def _count_prompts(value: Any) -> tuple[int, str | None]:
-    """(prompts, note): a list of prompts, or a prompt file (one prompt per non-blank line) when it is here."""
-    if isinstance(value, str) and value:
-        path = pathlib.Path(value)
-        if path.is_file():
-            return sum(1 for line in path.read_text().splitlines() if line.strip()), None
-        return 1, f"validation.prompts {value!r} is not a file on this machine: planned one prompt"
-    return _count(value) or 0, None
+def _count_prompts(v) -> tuple[int, str | None]:
+    """(prompts, note): ``validation.prompts``, or the non-blank lines of ``validation.prompts_file`` when that
+    file is on this machine (one prompt is planned otherwise, with a note)."""
+    if v.prompts or not v.prompts_file:
+        return len(v.prompts), None
+    path = pathlib.Path(v.prompts_file)
+    if path.is_file():
+        return sum(1 for line in path.read_text().splitlines() if line.strip()), None
+    return 1, f"validation.prompts_file {v.prompts_file!r} is not a file on this machine: planned one prompt"
 
 
 def validation_spec(cfg: RunConfig) -> tuple[ValidationSpec | None, tuple[str, ...]]:
-    """(the run's validation settings, notes), or (None, ()) when validation is off: no ``validation`` section,
-    ``every`` below 1, or no prompts.
-
-    Every field is read with ``getattr`` and a default (``validation.width`` / ``height``: ``data.resolution``;
-    ``seeds``, else ``seed``: one seed), so configs from before the section existed plan unchanged.
-    """
-    v = getattr(cfg, "validation", None)
-    if v is None or int(getattr(v, "every", 0) or 0) < 1:
+    """(the run's validation settings, notes), or (None, ()) when validation is off (``validation.every`` unset
+    or 0)."""
+    v = cfg.validation
+    if not v.every:
         return None, ()
-    prompts, note = _count_prompts(getattr(v, "prompts", ()))
-    if not prompts:
-        return None, ()
-    seeds = _count(getattr(v, "seeds", None)) or 1
+    prompts, note = _count_prompts(v)
     spec = ValidationSpec(
-        every=int(v.every),
-        prompts=prompts,
-        seeds=seeds,
-        width=int(getattr(v, "width", 0) or cfg.data.resolution),
-        height=int(getattr(v, "height", 0) or cfg.data.resolution),
-        steps=int(getattr(v, "steps", DEFAULT_STEPS) or DEFAULT_STEPS),
-        cfg=float(getattr(v, "cfg", 1.0) or 1.0),
-        base=str(getattr(v, "base", "") or ""),
-        base_dtype=str(getattr(v, "base_dtype", DEFAULT_BASE_DTYPE) or DEFAULT_BASE_DTYPE),
-    )
+        every=v.every, prompts=prompts, seeds=len(v.seeds), width=v.width, height=v.height, steps=v.steps,
+        cfg=v.cfg, batch=v.batch, base=v.base, base_dtype=v.base_dtype,
+    )  # fmt: skip
     return spec, (note,) if note else ()
 
 
@@ -268,7 +254,7 @@ def plan_validation(
     state = DTYPES[cfg.model.compute_dtype]  # diffusers' recipe: the sampling state in the activation dtype
     # The sampler replicates latents and text over the mesh (the weights stay sharded): every chip runs every row.
     replicated = NamedSharding(mesh, PartitionSpec())
-    rows, images, tokens = spec.model_rows, spec.images, spec.image_tokens
+    rows, images, tokens = spec.model_rows, spec.per_call, spec.image_tokens
 
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
@@ -311,7 +297,13 @@ def plan_validation(
     vae_decode = functools.partial(decode, vae_graph, config=vae_config, unscale_dtype=state, h=spec.height // f,
                                    w=spec.width // f)  # fmt: skip
 
-    weights, prompts = per_device_bytes(params), per_device_bytes((txt, y, neg_txt, neg_y))
+    # Every prompt's encoding is kept for the whole run, with true CFG a negative prompt's beside each (encoded at
+    # that prompt's T5 length: ``flux_jax.train.validation``).
+    kept = spec.prompts * (2 if true_cfg else 1)
+    weights, call_text = per_device_bytes(params), per_device_bytes((txt, y, neg_txt, neg_y))
+    prompts = per_device_bytes(
+        (sds((kept, text_len, architecture.context_in_dim), compute), sds((kept, architecture.vec_in_dim), compute))
+    )
     base_bytes = per_device_bytes(base) if spec.base else 0
     vae_bytes = per_device_bytes(vae_params)
     common = dict(spec=spec, model=name, rows=rows, text_len=text_len, base=base_bytes, vae=vae_bytes,
@@ -327,7 +319,7 @@ def plan_validation(
         note = f"the TPU compiler ran out of HBM compiling the sampler: it needs {oom[0] / 2**30:.2f} GiB per chip"
         return ValidationMemory(sampling=oom[0], decoding=0, from_compiler_error=True, **common), (*notes, note)
     flops = hlo_flops.count_flops(step.as_text()).flops + hlo_flops.count_flops(decoder.as_text()).flops
-    memory = ValidationMemory(sampling=_working_bytes(step, weights + prompts),
+    memory = ValidationMemory(sampling=_working_bytes(step, weights + call_text),
                               decoding=_working_bytes(decoder, vae_bytes), flops=flops, **common)  # fmt: skip
     return memory, notes
 

@@ -6,7 +6,8 @@ Every action takes --dry-run, which prints the exact gcloud commands instead of 
     python tpu/tpu.py create  --name flux-v5e8 --zone us-west4-a --slice v5e-8 --spot
     python tpu/tpu.py install --name flux-v5e8 --zone us-west4-a --source git+https://github.com/ORG/flux-jax@main
     python tpu/tpu.py launch train --name flux-v5e8 --zone us-west4-a \\
-        --config configs/dev2pro_lora.yaml --mesh configs/mesh/v5e-8.yaml data.path=gs://BUCKET/data
+        --config configs/dev2pro_lora.yaml --mesh configs/mesh/v5e-8.yaml data.path=gs://BUCKET/data \\
+        encoders.root=FLUX.1-dev validation.base=FLUX.1-dev
     python tpu/tpu.py logs    --name flux-v5e8 --zone us-west4-a
     python tpu/tpu.py stop    --name flux-v5e8 --zone us-west4-a
     python tpu/tpu.py delete  --name flux-v5e8 --zone us-west4-a

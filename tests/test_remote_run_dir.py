@@ -22,6 +22,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.helpers.compile_cache import child_env
+from tests.helpers.gcs_server import fake_gcs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -31,34 +32,11 @@ ARGS = ["checkpoint.every=2", "mesh.data=2", "mesh.fsdp=4", "--no-progress"]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs() -> str:
     """The emulator's URL, with an empty bucket BUCKET."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "fake_gcs.py"), str(port), BUCKET],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("localhost", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("the fake GCS server did not start") from None
-            time.sleep(0.1)
-    yield f"http://localhost:{port}"
-    server.terminate()
-    server.wait(timeout=30)
+    with fake_gcs(BUCKET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import pathlib
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import numpy as np
@@ -27,6 +25,7 @@ from flux_jax.sampling.images import (
     side_by_side,
     write_png,
 )
+from tests.helpers.gcs_server import fake_gcs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -162,12 +161,6 @@ def test_read_png_text_of_a_file_without_text_and_of_a_jpeg(tmp_path):
         read_png_text(tmp_path / "x.jpg")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 # Run with the fake GCS server's environment (the gs:// backend reads it when it starts).
 GS_CHILD = """
 import io, json, sys
@@ -189,27 +182,14 @@ print(json.dumps({"text": read_png_text(url + "/samples/10/000.png"), "same": bo
 
 def test_write_png_to_a_bucket(tmp_path):
     """gs:// goes through the real gcsfs backend, against the in-memory GCS server of tests/helpers/fake_gcs.py."""
-    port, bucket = _free_port(), "flux-jax-images"
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "fake_gcs.py"), str(port), bucket],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the fake GCS server did not start"
-                time.sleep(0.1)
+    bucket = "flux-jax-images"
+    with fake_gcs(bucket) as url:
         env = {
             "PATH": "/usr/bin:/bin",
             "PYTHONPATH": str(ROOT),
             "JAX_PLATFORMS": "cpu",
             "EPATH_USE_TF": "false",
-            "STORAGE_EMULATOR_HOST": f"http://localhost:{port}",
+            "STORAGE_EMULATOR_HOST": url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
             "GOOGLE_CLOUD_PROJECT": "test",
         }
@@ -219,9 +199,6 @@ def test_write_png_to_a_bucket(tmp_path):
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads(done.stdout.splitlines()[-1])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert result == {"text": {"prompt": "猫", "seed": "7"}, "same": True, "files": ["samples/10/000.png"]}
 
 

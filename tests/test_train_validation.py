@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from flux_jax.train.step import STEP_KEYS, eval_loss
 from flux_jax.train.validation import MARKER, SAMPLES_DIR, sampling_graphdef
 from flux_jax.weights.writers import write_flux_bfl
 from tests.helpers.compile_cache import child_env, persistent_compile_cache
+from tests.helpers.gcs_server import fake_gcs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -465,35 +465,15 @@ BUCKET = "flux-jax-validation"
 
 @pytest.fixture(scope="module")
 def gcs_env(tmp_path_factory) -> dict[str, str]:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "helpers" / "fake_gcs.py"), str(port), BUCKET],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("localhost", port), timeout=1).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("the fake GCS server did not start") from None
-            time.sleep(0.1)
-    url = f"http://localhost:{port}"
-    yield child_env(
-        tmp_path_factory.getbasetemp() / "train-xla-cache",  # what this module's in-process runs compiled
-        EPATH_USE_TF="false",
-        STORAGE_EMULATOR_HOST=url,
-        TENSORSTORE_GCS_HTTP_URL=url,
-        GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
-        GOOGLE_CLOUD_PROJECT="test",
-    )
-    server.terminate()
-    server.wait(timeout=30)
+    with fake_gcs(BUCKET) as url:
+        yield child_env(
+            tmp_path_factory.getbasetemp() / "train-xla-cache",  # what this module's in-process runs compiled
+            EPATH_USE_TF="false",
+            STORAGE_EMULATOR_HOST=url,
+            TENSORSTORE_GCS_HTTP_URL=url,
+            GOOGLE_AUTH_TOKEN_FOR_TESTING="test-token",
+            GOOGLE_CLOUD_PROJECT="test",
+        )
 
 
 # Run in a child with the emulator's environment: the run's sample files, markers, metrics and TensorBoard files.

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from safetensors.numpy import load_file
 
 from tests.helpers.compile_cache import child_env
 from tests.helpers.gcs_server import fake_gcs
+from tests.helpers.leases import refused_while_paused
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -145,20 +144,11 @@ def test_a_second_trainer_on_a_gs_run_dir_in_use_exits_2_naming_the_owner(env, l
     assert any("holds the run directory's lease" in line for line in log), "".join(log)
     # Paused (alive, and not talking to the server while it builds the model): it cannot finish and release the
     # lease while the second trainer starts.
-    first.send_signal(signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        second = subprocess.run(train_command(run, 6), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        took = time.monotonic() - started
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert second.returncode == 2, second.stderr[-3000:]
-    error = [line for line in second.stderr.splitlines() if line.startswith("flux-jax train:")]
-    assert len(error) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    assert error[0].startswith(
+    error, stderr, took = refused_while_paused(first, train_command(run, 6), env, ROOT)
+    assert error.startswith(
         f"flux-jax train: error: {run} is in use by another trainer: host {socket.gethostname()} pid {first.pid} since "
-    ), error[0]
-    assert "building a random" not in second.stderr  # refused before anything was built
+    ), error
+    assert "building a random" not in stderr  # refused before anything was built
     assert took < 60, took
 
     stdout, stderr = first.communicate(timeout=600)

@@ -21,6 +21,7 @@ import pytest
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.state import flat_params, split_trainable
 from tests.helpers.compile_cache import child_env
+from tests.helpers.leases import refused_while_paused
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -171,23 +172,14 @@ def test_ctrl_c_saves_at_the_interrupted_step_and_resume_reproduces_the_uninterr
 def test_a_second_trainer_on_a_run_dir_in_use_exits_2_naming_the_owner(tmp_path, env, reference):
     out = tmp_path / "run"
     first = start_and_wait(out, env, step=2)
-    first.send_signal(signal.SIGSTOP)  # paused (still alive), so it cannot finish and release while the second starts
-    try:
-        started = time.monotonic()
-        second = subprocess.run(command(out), env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        took = time.monotonic() - started
-    finally:
-        first.send_signal(signal.SIGCONT)
-    assert second.returncode == 2, second.stderr[-3000:]
-    error = [line for line in second.stderr.splitlines() if line.startswith("flux-jax train:")]
-    assert len(error) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    error, stderr, took = refused_while_paused(first, command(out), env, ROOT)
     assert re.fullmatch(
         rf"flux-jax train: error: {re.escape(str(out.absolute()))} is in use by another trainer: "
         rf"host {re.escape(socket.gethostname())} pid {first.pid} since \S+ \(last heartbeat \d+ s ago\); "
         r"wait for it to finish or stop it, or use another output_dir",
-        error[0],
-    ), error[0]
-    assert "building a random" not in second.stderr and "resuming" not in second.stderr  # refused before building
+        error,
+    ), error
+    assert "building a random" not in stderr and "resuming" not in stderr  # refused before building
     assert took < 60, took  # the time to start Python and import the trainer, not to build or compile anything
 
     stdout, stderr = first.communicate(timeout=600)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -39,3 +40,20 @@ def a_dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def refused_while_paused(first: subprocess.Popen, command: list[str], env: dict, cwd: Path) -> tuple[str, str, float]:
+    """Run a second trainer ``command`` while ``first`` (which holds the lease) is paused with SIGSTOP, so it
+    cannot finish and release the lease meanwhile. Asserts the second exits 2 with one ``flux-jax train:`` line
+    and no traceback; returns (that line, its stderr, how long it took)."""
+    first.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        second = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+        took = time.monotonic() - started
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr[-3000:]
+    error = [line for line in second.stderr.splitlines() if line.startswith("flux-jax train:")]
+    assert len(error) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    return error[0], second.stderr, took

@@ -248,14 +248,14 @@ def test_unknown_keys_are_listed(tmp_path):
     path = _write(tmp_path / "x.safetensors", {
         "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": np.ones((2, 64)),
         "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": np.ones((64, 2)),
-        "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.ones((2, 8)),
+        "lora_te1_text_model_encoder_layers_0_mlp_fc3.lora_down.weight": np.ones((2, 8)),  # CLIP has no fc3
         "lora_unet_double_blocks_0_img_attn_norm.lora_down.weight": np.ones((2, 8)),
     })  # fmt: skip
     with pytest.raises(CheckpointError) as e:
         load_lora_file(path)
     msg = str(e.value)
     assert str(path) in msg and "2 LoRA key(s)" in msg and "text-encoder" in msg
-    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in msg
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc3.lora_down.weight" in msg
     assert "lora_unet_double_blocks_0_img_attn_norm.lora_down.weight" in msg
 
 

@@ -8,7 +8,9 @@ the rest. Prompts are sampled ``--batch`` at a time; batch k (0, 1, ...) is one 
 [B, 16, H/8, W/8] for seed ``--seed + k``, as diffusers' FluxPipeline (``num_images_per_prompt`` / a prompt list)
 and ComfyUI's KSampler draw a batch, so image j of batch k is the image those tools give for that seed, batch
 size and position. Every input is checked (and every LoRA read and fitted to the base's config) before anything
-loads or compiles. ``--out`` appears only when complete: one PNG per image carrying its settings as text chunks,
+loads or compiles. A LoRA file's text-encoder parts (CLIP-L, T5; see `flux_jax.lora_io.text_encoders`) are applied
+too, merged into the encoders at the LoRA's scale before the prompts are encoded (checked against the encoders'
+headers first). ``--out`` appears only when complete: one PNG per image carrying its settings as text chunks,
 ``grid.png`` and ``samples.json``.
 """
 
@@ -193,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
     out, replace = check_out(args.out, args.force)
 
     # Imported here, not at the top: `flux-jax --help` and the other commands need not load JAX.
-    from flux_jax.lora_io.combine import combine_loras
+    from flux_jax.data.encoding import check_text_encoder_lora
+    from flux_jax.lora_io.combine import combine_loras, combine_text_encoder_loras
+    from flux_jax.lora_io.text_encoders import COMPONENTS, count
     from flux_jax.lora_io.weights import validate
     from flux_jax.sampling.loading import resolve_base
     from flux_jax.sampling.sampler import SampleSettings
@@ -203,12 +207,16 @@ def run(args: argparse.Namespace) -> int:
     base = resolve_base(args.base, args.encoders)  # reads no weights
     with open_checkpoint(base.transformer) as checkpoint:  # headers only: the config the LoRAs must fit
         config = checkpoint.config
-    weights = []
+    weights, text_parts = [], []
     for spec in loras:
         lora = read_lora(spec.path, config=config)
         validate(lora.weights, config, spec.path)  # a run knows its own config: it must be the base's too
         weights.append((lora.weights, spec.scale))
+        text_parts.append((lora.text_encoders, spec.scale))
     combined = combine_loras(weights)
+    text_loras = combine_text_encoder_loras(text_parts)
+    if text_loras:
+        check_text_encoder_lora(base.encoders, text_loras, "--lora " + " + ".join(s.path for s in loras))
     settings = SampleSettings(
         width=args.width, height=args.height, steps=args.steps, guidance=args.guidance, cfg=args.cfg, seed=args.seed,
         match=args.match,
@@ -229,13 +237,18 @@ def run(args: argparse.Namespace) -> int:
         "base_dtype": args.base_dtype or dtype,
         "schnell": not config.guidance_embed,
     }
+    if text_loras:  # which encoders the LoRAs changed (diffusers applies a CLIP part only, ComfyUI both)
+        record["text_encoder_lora"] = "+".join(c for c in COMPONENTS if c in text_loras)
+        log.info("applying the LoRAs' text-encoder parts (%s)", count(text_loras))
     with atomic_dir(out, force=replace) as tmp:
-        images = _sample(base, combined, prompts, negative, settings, args.batch, record, tmp, not args.no_progress)
+        images = _sample(
+            base, combined, text_loras, prompts, negative, settings, args.batch, record, tmp, not args.no_progress
+        )
     print(f"wrote {len(images)} image(s), {GRID} and {SIDECAR} to {out}")
     return 0
 
 
-def _sample(base, combined, prompts, negative, settings, batch, record, tmp, progress) -> list[dict]:
+def _sample(base, combined, text_loras, prompts, negative, settings, batch, record, tmp, progress) -> list[dict]:
     """Load, sample batch by batch, and write the PNGs, the grid and the sidecar into ``tmp``."""
     from tqdm import tqdm
 
@@ -254,7 +267,7 @@ def _sample(base, combined, prompts, negative, settings, batch, record, tmp, pro
         apply_lora_weights(model, combined, 1.0, mesh=mesh, where=" + ".join(s["path"] for s in record["loras"]))
     vae = load_vae_for(base.encoders, dtype=dtype, mesh=mesh)
     groups = batches(prompts, batch)
-    encoder = PromptEncoder.load(base.encoders, mesh=mesh, dtype=dtype)
+    encoder = PromptEncoder.load(base.encoders, mesh=mesh, dtype=dtype, loras=text_loras)
     # True CFG needs the negative branch, encoded with each batch (ComfyUI's T5 length follows the longest
     # prompt); with cfg 1 the guidance-distilled model runs alone (as diffusers does).
     uncond_text = negative if settings.cfg > 1 else None

@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from flux_jax.encoders.t5 import T5Config, T5Encoder, load_t5
 from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig, load_vae, normalize_latents
 from flux_jax.errors import CheckpointError, FluxJaxError
+from flux_jax.lora_io.text_encoders import TITLES, TextEncoderLoras, check_fits, merge_into_state
+from flux_jax.lora_io.weights import LoraWeights
 from flux_jax.model.latents import pack_latents
 from flux_jax.sharding import batch_sharding, state_shardings
 from flux_jax.weights.safetensors_file import SafetensorsFile
@@ -138,18 +140,46 @@ def read_vae(path: Path, dtype: str = "bf16") -> AutoEncoder:
         return load_vae(state, VAEConfig.from_diffusers(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
 
 
-def read_t5(path: Path, dtype: str = "bf16") -> T5Encoder:
-    """The T5 encoder of a transformers ``T5EncoderModel`` directory, on the host CPU."""
-    with _on_host_cpu():
-        state, config = read_state(path)
-        return load_t5(state, T5Config.from_hf(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
+def _with_lora(component: str, path: Path, state: dict, lora: Mapping[str, LoraWeights] | None, dtype) -> dict:
+    if not lora:
+        return state
+    where = f"text-encoder LoRA on {path}"
+    log.info("merging %d LoRA module(s) into the %s text encoder %s", len(lora), TITLES[component], path)
+    return merge_into_state(component, state, lora, dtype=dtype, where=where)
 
 
-def read_clip(path: Path, dtype: str = "bf16") -> CLIPTextModel:
-    """The CLIP text tower of a transformers ``CLIPTextModel`` directory, on the host CPU."""
+def read_t5(path: Path, dtype: str = "bf16", *, lora: Mapping[str, LoraWeights] | None = None) -> T5Encoder:
+    """The T5 encoder of a transformers ``T5EncoderModel`` directory, on the host CPU; ``lora`` (T5 modules, see
+    `flux_jax.lora_io.text_encoders`) is merged into its weights first, in float32, rounded once to ``dtype``."""
     with _on_host_cpu():
         state, config = read_state(path)
-        return load_clip(state, CLIPTextConfig.from_hf(config) if config else None, parse_dtype(dtype, ENCODER_DTYPES))
+        target = parse_dtype(dtype, ENCODER_DTYPES)
+        return load_t5(
+            _with_lora("t5", path, state, lora, target), T5Config.from_hf(config) if config else None, target
+        )
+
+
+def read_clip(path: Path, dtype: str = "bf16", *, lora: Mapping[str, LoraWeights] | None = None) -> CLIPTextModel:
+    """The CLIP text tower of a transformers ``CLIPTextModel`` directory, on the host CPU; ``lora`` (CLIP modules)
+    is merged into its weights first, as for `read_t5`."""
+    with _on_host_cpu():
+        state, config = read_state(path)
+        target = parse_dtype(dtype, ENCODER_DTYPES)
+        cfg = CLIPTextConfig.from_hf(config) if config else None
+        return load_clip(_with_lora("clip", path, state, lora, target), cfg, target)
+
+
+def check_text_encoder_lora(paths: EncoderPaths, loras: TextEncoderLoras, where: str) -> None:
+    """The text-encoder LoRA parts fit the encoders ``paths`` names (read from the safetensors headers alone)."""
+    for component, folder in (("clip", paths.clip), ("t5", paths.t5)):
+        if not loras.get(component):
+            continue
+        files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with SafetensorsFile(file) as reader:
+                shapes.update({name: tuple(reader.info(name).shape) for name in reader.keys()})
+        check_fits(component, shapes, loras[component], f"{where} on {folder}")
 
 
 def place(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:

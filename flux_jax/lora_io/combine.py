@@ -9,14 +9,16 @@ alpha = its rank (a factor of 1). Then ``up @ down`` is the sum of the scaled de
 
 which is what ComfyUI and diffusers compute when they stack LoRAs (each adds its own delta), with no SVD or
 rank truncation. A module only one LoRA covers keeps that LoRA's matrices (its factor folded in the same way).
+Text-encoder parts (CLIP-L, T5) combine the same way, per encoder module (`combine_text_encoder_loras`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flux_jax.lora_io.text_encoders import COMPONENTS, TextEncoderLoras, sorted_modules
 from flux_jax.lora_io.weights import LoraWeights, sorted_paths
 
 
@@ -25,6 +27,24 @@ def combine_loras(loras: Sequence[tuple[Mapping[str, LoraWeights], float]]) -> d
     ``scale * delta`` over the LoRAs that cover it. A LoRA at scale 0 contributes nothing (it is left out, so
     LoRAs all at scale 0 give ``{}``, the base model unchanged). The LoRAs must fit one model (same module
     shapes), which `flux_jax.lora_io.weights.validate` checks against its config."""
+    return _combine(loras, sorted_paths)
+
+
+def combine_text_encoder_loras(loras: Sequence[tuple[TextEncoderLoras, float]]) -> TextEncoderLoras:
+    """`combine_loras` for the text-encoder parts: ``[({"clip": {...}, "t5": {...}}, scale), ...]`` -> one
+    ``{"clip": {...}, "t5": {...}}`` (a component no LoRA covers at a non-zero scale is left out)."""
+    out: TextEncoderLoras = {}
+    for component in COMPONENTS:
+        parts = [(lora.get(component) or {}, scale) for lora, scale in loras]
+        combined = _combine(parts, lambda ws, c=component: sorted_modules(c, ws))
+        if combined:
+            out[component] = combined
+    return out
+
+
+def _combine(
+    loras: Sequence[tuple[Mapping[str, LoraWeights], float]], order: Callable[[Mapping], list[str]]
+) -> dict[str, LoraWeights]:
     parts: dict[str, list[tuple[LoraWeights, float]]] = {}
     for weights, scale in loras:
         scale = float(scale)
@@ -35,7 +55,7 @@ def combine_loras(loras: Sequence[tuple[Mapping[str, LoraWeights], float]]) -> d
         for path, w in weights.items():
             parts.setdefault(path, []).append((w, scale))
     out: dict[str, LoraWeights] = {}
-    for path in sorted_paths(parts):
+    for path in order(parts):
         pieces = parts[path]
         shapes = {(w.out_features, w.in_features) for w, _ in pieces}
         if len(shapes) > 1:

@@ -4,7 +4,9 @@ Every file carries `{"format": "pt"}` (what diffusers writes), `modelspec.*` (ar
 `flux_jax.config` (the model config, so a later conversion needs no guessing) and, when known, the training summary
 as `flux_jax.meta`; kohya files add the `ss_*` keys kohya's tools and UIs show. Alpha tensors are always float32
 (in bf16 an alpha such as 0.7 would round and every loader would apply a different scale than training used).
-Writes are atomic; an existing output is kept unless `force`.
+Writes are atomic; an existing output is kept unless `force`. A LoRA's text-encoder parts (CLIP-L, T5) are written
+beside the transformer's in each format's spelling (`text_encoders.py`), so a whole LoRA from another trainer
+converts whole.
 
 LoRA files get shared, so by default (`metadata="public"`) the metadata names no local path: the base is given by
 its file or directory name, paths in the dataset description by their last component, and the run's full config
@@ -32,6 +34,8 @@ from flux_jax.dtypes import DTYPES, FLOAT_NAMES, dtype_name, parse_dtype
 from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.formats import FORMATS, to_tensors, weights_config
 from flux_jax.lora_io.import_ import META_METADATA_KEY, read_lora_file
+from flux_jax.lora_io.text_encoders import TextEncoderLoras, count
+from flux_jax.lora_io.text_encoders import check_values as check_text_encoder_values
 from flux_jax.lora_io.weights import LoraWeights, check_values, is_finite, listing, most_common, parse_module, validate
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_metadata
 from flux_jax.weights.safetensors_file import write_safetensors
@@ -122,12 +126,13 @@ def public_carried(carried: Mapping[str, str]) -> dict[str, str]:
 def export_metadata(
     fmt: str,
     weights: Mapping[str, LoraWeights],
-    config: FluxConfig,
+    config: FluxConfig | None,
     meta: Mapping | None = None,
     *,
     title: str = "",
     carried: Mapping[str, str] | None = None,
     metadata: MetadataMode = "public",
+    text_encoders: TextEncoderLoras | None = None,
 ) -> dict[str, str]:
     """String metadata for an exported file.
 
@@ -135,14 +140,17 @@ def export_metadata(
       timestep_sampling, steps, dataset, config); absent keys are left out.
     carried: a source file's metadata; its `ss_*` / `modelspec.*` entries are kept (ours win where both exist).
     metadata: "public" (default): no local paths (`public_meta`, `public_carried`); "full": everything as given.
+    config: the model config written as `flux_jax.config`; None (a file with text-encoder parts only) writes none.
+    text_encoders: counted in the rank and alpha that describe the file.
     """
     check_metadata_mode(metadata)
     meta = dict(meta or {})
     if metadata == "public":
         meta = public_meta(meta)
         carried = public_carried(carried or {})
-    ranks = [w.rank for w in weights.values()]
-    alphas = [w.alpha for w in weights.values()]
+    every = [*weights.values(), *(w for part in (text_encoders or {}).values() for w in part.values())]
+    ranks = [w.rank for w in every]
+    alphas = [w.alpha for w in every]
     rank = meta.get("rank", most_common(ranks))
     alpha = meta.get("alpha", most_common(alphas))
     out: dict[str, str] = {k: v for k, v in (carried or {}).items() if k.startswith(_CARRIED_PREFIXES)}
@@ -176,7 +184,8 @@ def export_metadata(
             if meta.get(field) is not None:
                 out[key] = str(meta[field])
     out["format"] = "pt"
-    out[CONFIG_METADATA_KEY] = config_metadata(config)
+    if config is not None:
+        out[CONFIG_METADATA_KEY] = config_metadata(config)
     if meta:
         out[META_METADATA_KEY] = json.dumps(meta, sort_keys=True, default=str)
     return dict(sorted(out.items()))  # a fixed order, so re-exporting an exported file reproduces it byte for byte
@@ -187,28 +196,36 @@ def write_lora_file(
     weights: Mapping[str, LoraWeights],
     fmt: str,
     *,
-    config: FluxConfig,
+    config: FluxConfig | None,
     dtype: str = "bf16",
     meta: Mapping | None = None,
     carried: Mapping[str, str] | None = None,
     force: bool = False,
     metadata: MetadataMode = "public",
     allow_nonfinite: bool = False,
+    text_encoders: TextEncoderLoras | None = None,
 ) -> pathlib.Path:
-    """Write `weights` as a `fmt` LoRA file (atomic; refuses an existing `path` unless `force`).
+    """Write `weights` (and `text_encoders`, CLIP-L / T5 parts) as a `fmt` LoRA file (atomic; refuses an existing
+    `path` unless `force`).
 
-    metadata: "public" (no local paths) or "full", see the module docstring. Refused, naming the modules: alpha = 0,
-    NaN / Inf in the LoRA or values the output dtype cannot hold (both unless `allow_nonfinite`).
+    config: the model the transformer parts fit (None only when there are none). metadata: "public" (no local
+    paths) or "full", see the module docstring. Refused, naming the modules: alpha = 0, NaN / Inf in the LoRA or
+    values the output dtype cannot hold (both unless `allow_nonfinite`).
     """
     check_format(fmt)
     check_metadata_mode(metadata)
     path = pathlib.Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (use --force to overwrite)")
-    if not weights:
+    text_encoders = {c: dict(part) for c, part in (text_encoders or {}).items() if part}
+    if not weights and not text_encoders:
         raise FluxJaxError("the LoRA is empty: no module carries an adapter")
-    validate(weights, config, "LoRA")
+    if weights:
+        if config is None:
+            raise ValueError("write_lora_file: transformer LoRA weights need the model config")
+        validate(weights, config, "LoRA")
     check_values(weights, f"LoRA for {path}", allow_nonfinite=allow_nonfinite)
+    check_text_encoder_values(text_encoders, f"LoRA for {path}", allow_nonfinite=allow_nonfinite)
     target = parse_dtype(dtype, FLOAT_NAMES) if isinstance(dtype, str) else np.dtype(dtype)
     if fmt == "kohya":
         skipped = [p for p in weights if parse_module(p)[0].stack is None]
@@ -218,7 +235,14 @@ def write_lora_file(
                 "Use --format diffusers for diffusers.",
                 ", ".join(skipped[:5]),
             )
-    tensors = to_tensors(weights, fmt, config)
+    if "t5" in text_encoders and fmt in ("kohya", "diffusers"):
+        # Kept anyway: the file stays whole for ComfyUI (kohya) and for flux-jax, which apply them.
+        log.warning(
+            "diffusers' FluxPipeline loads no T5 LoRA (it drops the T5 parts of this %s file)%s",
+            fmt,
+            "; ComfyUI applies them" if fmt == "kohya" else "; ComfyUI neither: use --format kohya or comfy for it",
+        )
+    tensors = to_tensors(weights, fmt, config, text_encoders)
     with np.errstate(over="ignore"):  # an overflowing cast is reported below, by tensor
         tensors = {k: v if k.endswith(".alpha") else v.astype(target) for k, v in tensors.items()}
     if not allow_nonfinite:  # the weights are finite (checked above): this is the fold or the cast overflowing
@@ -228,7 +252,9 @@ def write_lora_file(
                 f"LoRA for {path}: {len(overflow)} tensor(s) overflow {dtype_name(target, FLOAT_NAMES)} (values "
                 f"beyond its range): {listing(overflow)}; write bf16 or fp32"
             )
-    header = export_metadata(fmt, weights, config, meta, title=path.stem, carried=carried, metadata=metadata)
+    header = export_metadata(
+        fmt, weights, config, meta, title=path.stem, carried=carried, metadata=metadata, text_encoders=text_encoders
+    )
     write_safetensors(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], tensors.__getitem__, header)
     log.info("wrote %s LoRA with %d tensors (%s) to %s", fmt, len(tensors), dtype_name(target, FLOAT_NAMES), path)
     return path
@@ -255,11 +281,12 @@ def convert_lora_file(
     if dst.exists() and not force:  # before reading anything
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
     lora = read_lora_file(src, config, allow_nonfinite=allow_nonfinite)
-    cfg = lora.config or weights_config(lora.weights, str(src))
+    cfg = lora.config or (weights_config(lora.weights, str(src)) if lora.weights else None)
     if dtype is None:
         dtype = next((n for n in FLOAT_NAMES if DTYPES[n] == lora.dtype), "fp32")
-    log.info("read %s LoRA (%d modules) from %s", lora.format, len(lora.weights), src)
+    text = f" + text encoders ({count(lora.text_encoders)})" if lora.text_encoders else ""
+    log.info("read %s LoRA (%d modules%s) from %s", lora.format, len(lora.weights), text, src)
     return write_lora_file(
         dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force,
-        metadata=metadata, allow_nonfinite=allow_nonfinite,
+        metadata=metadata, allow_nonfinite=allow_nonfinite, text_encoders=lora.text_encoders,
     )  # fmt: skip

@@ -9,8 +9,9 @@ PEFT `lora_A/lora_B`, XLabs `down/up`), plus an optional `.alpha` scalar. The th
   comfy      diffusion_model.<bfl path>        .lora_A.weight / .lora_B.weight / .alpha
   diffusers  transformer.<diffusers module>    .lora_A.weight / .lora_B.weight, alpha / r folded into the weights
 
-Import accepts any spelling with any suffix style (every combination is unambiguous). This module converts between
-`LoraWeights` and {key: float32 array}; reading and writing files is `import_.py` / `export.py`.
+Import accepts any spelling with any suffix style (every combination is unambiguous). Text-encoder parts (CLIP-L,
+T5) have their own spellings per format (`text_encoders.py`) and are carried beside the transformer's. This module
+converts between `LoraWeights` and {key: float32 array}; reading and writing files is `import_.py` / `export.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from flux_jax.errors import CheckpointError
+from flux_jax.lora_io import text_encoders as te
 from flux_jax.lora_io.pieces import Part, Rows, fuse, split, split_rows, swap_halves
 from flux_jax.lora_io.weights import (
     LINEAR_ENTRIES,
@@ -114,7 +116,9 @@ SUFFIXES: dict[str, tuple[str, str]] = {
 }
 ALPHA = ".alpha"
 # Substrings by which a safetensors file is told to be a LoRA (any format above) rather than a base checkpoint.
-LORA_KEY_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora_unet_", ".processor.qkv_lora", ALPHA)
+LORA_KEY_MARKERS = (
+    ".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "lora_unet_", "lora_te", ".processor.qkv_lora", ALPHA
+)  # fmt: skip
 
 
 def looks_like_lora(keys) -> bool:
@@ -198,8 +202,14 @@ def diffusers_fold(scale: float) -> tuple[float, float]:
     return math.copysign(down, scale), up
 
 
-def to_tensors(weights: Mapping[str, LoraWeights], fmt: str, cfg: FluxConfig) -> dict[str, np.ndarray]:
-    """{key: float32 array} of the file in `fmt`; alpha tensors are 0-dim."""
+def to_tensors(
+    weights: Mapping[str, LoraWeights],
+    fmt: str,
+    cfg: FluxConfig | None,
+    text_encoders: te.TextEncoderLoras | None = None,
+) -> dict[str, np.ndarray]:
+    """{key: float32 array} of the file in `fmt` (transformer parts, then text-encoder parts); alpha tensors are
+    0-dim. `cfg` is needed only when a module is written as row pieces (diffusers)."""
     spec = FORMATS[fmt]
     by_entry: dict[ModuleEntry, list[Target]] = {}
     for t in SPELLINGS[spec.spelling].targets:
@@ -226,6 +236,8 @@ def to_tensors(weights: Mapping[str, LoraWeights], fmt: str, cfg: FluxConfig) ->
                 f_down, f_up = diffusers_fold(p.scale)
                 out[name + down_sfx] = p.down if f_down == 1 else p.down * np.float32(f_down)
                 out[name + up_sfx] = up if f_up == 1 else up * np.float32(f_up)
+    if text_encoders:
+        out.update(te.file_tensors(text_encoders, fmt, (down_sfx, up_sfx), spec.store_alpha, diffusers_fold))
     return out
 
 
@@ -241,8 +253,17 @@ class _Module:
     style: str | None = None
 
 
-def _parse_keys(keys: list[str], where: str) -> dict[str, _Module]:
+@dataclasses.dataclass
+class _TeModule:
+    spelling: te.TeSpelling
+    module: str  # the encoder's module path, layer index filled in
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)
+    style: str | None = None
+
+
+def _parse_keys(keys: list[str], where: str) -> tuple[dict[str, _Module], dict[str, _TeModule]]:
     modules: dict[str, _Module] = {}
+    te_modules: dict[str, _TeModule] = {}
     unmatched = []
     for key in keys:
         found = None
@@ -256,12 +277,16 @@ def _parse_keys(keys: list[str], where: str) -> dict[str, _Module]:
         if found is None and key.endswith(ALPHA):
             found = (key[: -len(ALPHA)], "alpha", None)
         hit = match_module(found[0]) if found else None
-        if hit is None:
+        te_hit = te.match_module(found[0]) if found and hit is None and found[2] != "xlabs" else None
+        if hit is None and te_hit is None:
             unmatched.append(key)
             continue
         name, role, style = found
-        spelling, target, index = hit
-        mod = modules.setdefault(name, _Module(spelling, target, index))
+        if te_hit is not None:
+            mod = te_modules.setdefault(name, _TeModule(*te_hit))
+        else:
+            spelling, target, index = hit
+            mod = modules.setdefault(name, _Module(spelling, target, index))
         if style is not None:
             if mod.style not in (None, style):
                 raise CheckpointError(f"{where}: module {name} mixes {mod.style} and {style} key names")
@@ -271,33 +296,38 @@ def _parse_keys(keys: list[str], where: str) -> dict[str, _Module]:
         hint = _hint(unmatched)
         more = f" ... and {len(unmatched) - 20} more" if len(unmatched) > 20 else ""
         raise CheckpointError(
-            f"{where}: {len(unmatched)} LoRA key(s) match no Flux transformer layer{hint}: "
+            f"{where}: {len(unmatched)} LoRA key(s) match no Flux transformer or text-encoder layer{hint}: "
             + ", ".join(unmatched[:20])
             + more
         )
-    incomplete = [f"{n} (has {sorted(m.keys)})" for n, m in modules.items() if not {"down", "up"} <= set(m.keys)]
+    every = {**modules, **te_modules}
+    incomplete = [f"{n} (has {sorted(m.keys)})" for n, m in every.items() if not {"down", "up"} <= set(m.keys)]
     if incomplete:
         raise CheckpointError(f"{where}: LoRA module(s) without both down and up weights: {', '.join(incomplete[:20])}")
     for name, m in modules.items():
         if m.spelling.startswith("xlabs") != (m.style == "xlabs"):
             raise CheckpointError(f"{where}: module {name} mixes XLabs and other key names")
-    return modules
+    return modules, te_modules
 
 
 def _hint(keys: list[str]) -> str:
     joined = " ".join(keys[:200])
-    if "lora_te" in joined or "text_encoder" in joined:
-        return " (text-encoder LoRA weights are not supported)"
     if "dora_scale" in joined or "lora_magnitude" in joined:
         return " (DoRA is not supported)"
     if "hada_" in joined or "lokr_" in joined:
         return " (LyCORIS LoHa/LoKr are not supported)"
+    if any(marker in joined for marker in te.TE_KEY_MARKERS):
+        return (
+            " (text-encoder LoRA keys must name a Linear of CLIP-L's attention / MLP or of T5's attention / "
+            "feed-forward)"
+        )
     return ""
 
 
 @dataclasses.dataclass(frozen=True)
 class _PeftAlpha:
-    """Alpha from diffusers' `lora_adapter_metadata` (a PEFT LoraConfig with keys prefixed `transformer.`)."""
+    """Alpha from diffusers' `lora_adapter_metadata`: one PEFT LoraConfig per component, its keys prefixed with the
+    component's name (`transformer.`, `text_encoder.`, `text_encoder_2.`)."""
 
     r: int | None
     lora_alpha: float | None
@@ -306,14 +336,14 @@ class _PeftAlpha:
     rslora: bool
 
     @staticmethod
-    def parse(raw: str, where: str) -> _PeftAlpha:
+    def parse(raw: str, where: str, prefix: str = "transformer") -> _PeftAlpha:
         try:
             cfg = json.loads(raw)
             if not isinstance(cfg, dict):
                 raise ValueError("not a JSON object")
         except ValueError as e:
             raise CheckpointError(f"{where}: invalid lora_adapter_metadata ({e})") from None
-        cfg = {k.removeprefix("transformer."): v for k, v in cfg.items() if k.startswith("transformer.")}
+        cfg = {k.removeprefix(f"{prefix}."): v for k, v in cfg.items() if k.startswith(f"{prefix}.")}
         if cfg.get("use_dora"):
             raise CheckpointError(f"{where}: DoRA LoRAs (use_dora in lora_adapter_metadata) are not supported")
         return _PeftAlpha(
@@ -345,6 +375,60 @@ class _PeftAlpha:
         return float(alpha) * math.sqrt(rank) if self.rslora else float(alpha)
 
 
+@dataclasses.dataclass
+class _Problems:
+    """What reading the modules found, refused together once every module was read."""
+
+    nonfinite: list[str] = dataclasses.field(default_factory=list)  # tensors with NaN / Inf (unless allowed)
+    bad_alpha: list[str] = dataclasses.field(default_factory=list)  # non-finite alphas (a scale cannot be NaN)
+    zero_alpha: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_module(
+    name: str,
+    keys: Mapping[str, str],
+    get: Callable[[str], np.ndarray],
+    alpha_from_metadata: Callable[[int], float] | None,
+    swap: bool,
+    where: str,
+    found: _Problems,
+    allow_nonfinite: bool,
+) -> LoraWeights | None:
+    """One module's LoraWeights from its down / up / alpha keys (None when its alpha is not finite)."""
+    down, up = get(keys["down"]), get(keys["up"])
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise CheckpointError(
+            f"{where}: {name} down {tuple(down.shape)} / up {tuple(up.shape)} are not [r, in] / [out, r]"
+        )
+    rank = down.shape[0]
+    if "alpha" in keys:
+        a = get(keys["alpha"])
+        if a.size != 1 or (a.dtype.kind != "f" and a.dtype.name != "bfloat16"):
+            raise CheckpointError(f"{where}: {keys['alpha']} must be a floating-point scalar, got {a.dtype}")
+        alpha = float(np.asarray(a, np.float32).reshape(()))
+        alpha_name = keys["alpha"]
+    elif alpha_from_metadata is not None:
+        alpha = alpha_from_metadata(rank)
+        alpha_name = f"{name} (lora_adapter_metadata)"
+    else:
+        alpha = float(rank)  # what every loader assumes without an alpha
+        alpha_name = name
+    if not math.isfinite(alpha):
+        found.bad_alpha.append(alpha_name)
+        return None
+    if alpha == 0:
+        found.zero_alpha.append(alpha_name)
+    if swap:
+        up = swap_halves(np.asarray(up))
+    try:
+        w = LoraWeights(down, up, alpha)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {name}: {e}") from None
+    if not allow_nonfinite:
+        found.nonfinite.extend(keys[role] for role, x in (("down", w.down), ("up", w.up)) if not is_finite(x))
+    return w
+
+
 def from_tensors(
     keys: list[str],
     get: Callable[[str], np.ndarray],
@@ -353,60 +437,56 @@ def from_tensors(
     where: str,
     *,
     allow_nonfinite: bool = False,
-) -> tuple[dict[str, LoraWeights], str]:
-    """Parse a LoRA state dict into fused BFL-module LoRAs; returns (weights, format name).
+) -> tuple[dict[str, LoraWeights], te.TextEncoderLoras, str]:
+    """Parse a LoRA state dict into fused BFL-module LoRAs and text-encoder LoRAs; returns (weights, text-encoder
+    weights, format name). The text-encoder parts follow the same rules (alpha, rank, NaN / Inf, alpha = 0).
 
     `config(in_dims, blocks)` supplies the model config when row pieces need split sizes; it gets each module's input
     width and the (entry, block) pairs present so it can infer one. Refused, naming the file's keys: NaN / Inf in a
     down or up tensor (unless `allow_nonfinite`), a non-finite alpha, and alpha = 0 (see `weights.zero_alpha_error`).
     """
-    modules = _parse_keys(keys, where)
-    nonfinite: list[str] = []  # tensors with NaN / Inf (refused unless allow_nonfinite)
-    bad_alpha: list[str] = []  # non-finite alphas (always refused: a scale cannot be NaN)
-    zero_alpha: list[str] = []
-    has_alpha_keys = any("alpha" in m.keys for m in modules.values())
-    peft = None
-    if "lora_adapter_metadata" in metadata:
-        if has_alpha_keys:
-            raise CheckpointError(f"{where}: has both .alpha tensors and lora_adapter_metadata; alpha is ambiguous")
-        peft = _PeftAlpha.parse(metadata["lora_adapter_metadata"], where)
+    modules, te_modules = _parse_keys(keys, where)
+    found = _Problems()
+    has_alpha_keys = any("alpha" in m.keys for m in (*modules.values(), *te_modules.values()))
+    raw_peft = metadata.get("lora_adapter_metadata")
+    if raw_peft is not None and has_alpha_keys:
+        raise CheckpointError(f"{where}: has both .alpha tensors and lora_adapter_metadata; alpha is ambiguous")
+    # By component prefix: the transformer's at once (a malformed or DoRA config is refused), a text encoder's
+    # when one of its modules needs it.
+    peft = {"transformer": _PeftAlpha.parse(raw_peft, where)} if raw_peft is not None else {}
+
+    def alpha_from_metadata(prefix: str | None, name: str) -> Callable[[int], float] | None:
+        if raw_peft is None or prefix is None:
+            return None
+        if prefix not in peft:
+            peft[prefix] = _PeftAlpha.parse(raw_peft, where, prefix)
+        module = name.removeprefix(f"{prefix}.")
+        return lambda rank: peft[prefix].alpha(module, rank, where)
 
     # (entry, block) -> [(rows of the piece or None for the whole module, weights)]
     parts: dict[tuple[ModuleEntry, int | None], list[tuple[Callable | None, LoraWeights]]] = {}
     for name, m in modules.items():
-        down, up = get(m.keys["down"]), get(m.keys["up"])
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise CheckpointError(
-                f"{where}: {name} down {tuple(down.shape)} / up {tuple(up.shape)} are not [r, in] / [out, r]"
-            )
-        rank = down.shape[0]
-        if "alpha" in m.keys:
-            a = get(m.keys["alpha"])
-            if a.size != 1 or (a.dtype.kind != "f" and a.dtype.name != "bfloat16"):
-                raise CheckpointError(f"{where}: {m.keys['alpha']} must be a floating-point scalar, got {a.dtype}")
-            alpha = float(np.asarray(a, np.float32).reshape(()))
-            alpha_name = m.keys["alpha"]
-        elif peft is not None and m.spelling == "diffusers":
-            alpha = peft.alpha(name.removeprefix("transformer."), rank, where)
-            alpha_name = f"{name} (lora_adapter_metadata)"
-        else:
-            alpha = float(rank)  # what every loader assumes without an alpha
-            alpha_name = name
-        if not math.isfinite(alpha):
-            bad_alpha.append(alpha_name)
-            continue
-        if alpha == 0:
-            zero_alpha.append(alpha_name)
-        if m.target.swap_halves:
-            up = swap_halves(np.asarray(up))
-        try:
-            w = LoraWeights(down, up, alpha)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {name}: {e}") from None
-        if not allow_nonfinite:
-            nonfinite += [m.keys[role] for role, x in (("down", w.down), ("up", w.up)) if not is_finite(x)]
-        parts.setdefault((m.target.entry, m.index), []).append((m.target.rows, w))
+        by_metadata = alpha_from_metadata("transformer" if m.spelling == "diffusers" else None, name)
+        w = _read_module(name, m.keys, get, by_metadata, m.target.swap_halves, where, found, allow_nonfinite)
+        if w is not None:
+            parts.setdefault((m.target.entry, m.index), []).append((m.target.rows, w))
 
+    text_encoders: te.TextEncoderLoras = {}
+    te_names: dict[tuple[str, str], str] = {}  # (component, module) -> the file's name for it
+    for name, m in te_modules.items():
+        component = m.spelling.component
+        if (component, m.module) in te_names:
+            raise CheckpointError(
+                f"{where}: {te.label(component, m.module)} is given more than once ({te_names[component, m.module]} "
+                f"and {name})"
+            )
+        te_names[component, m.module] = name
+        by_metadata = alpha_from_metadata(m.spelling.metadata_prefix, name)
+        w = _read_module(name, m.keys, get, by_metadata, False, where, found, allow_nonfinite)
+        if w is not None:
+            text_encoders.setdefault(component, {})[m.module] = w
+
+    bad_alpha, nonfinite, zero_alpha = found.bad_alpha, found.nonfinite, found.zero_alpha
     if bad_alpha:
         raise CheckpointError(f"{where}: alpha is NaN or Inf for {len(bad_alpha)} LoRA module(s): {listing(bad_alpha)}")
     if nonfinite:
@@ -431,9 +511,13 @@ def from_tensors(
             out[path] = fuse(placed, out_rows, f"{where}: {path}")
         except ValueError as e:
             raise CheckpointError(str(e)) from None
-    styles = {(m.spelling, m.style) for m in modules.values()}
-    name = " + ".join(sorted(FORMAT_NAMES.get(s, f"{s[0]}/{s[1]}") for s in styles)) or "empty"
-    return {p: out[p] for p in sorted_paths(out)}, name
+    names = {FORMAT_NAMES.get(s, f"{s[0]}/{s[1]}") for s in {(m.spelling, m.style) for m in modules.values()}}
+    names |= {
+        te.FORMAT_NAMES.get(s, f"{s[0]} text encoders/{s[1]}")
+        for s in {(m.spelling.format, m.style) for m in te_modules.values()}
+    }
+    ordered_te = {c: {k: text_encoders[c][k] for k in te.sorted_modules(c, text_encoders[c])} for c in text_encoders}
+    return {p: out[p] for p in sorted_paths(out)}, ordered_te, " + ".join(sorted(names)) or "empty"
 
 
 def infer_config(in_dims: Mapping[ModuleEntry, int], blocks, where: str) -> FluxConfig:

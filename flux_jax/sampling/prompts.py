@@ -3,7 +3,8 @@
 T5 length: diffusers and BFL pad every prompt to 512 tokens for dev and 256 for schnell (``max_sequence_length``);
 ComfyUI pads only to 77 tokens, or to the longest prompt when one is longer (its T5XXLTokenizer has
 ``min_length=77`` and no padding to a maximum). CLIP: 77 tokens, pooled output, in every tool. Both encoders run
-without an attention mask, as Flux was trained.
+without an attention mask, as Flux was trained. A LoRA's text-encoder parts (``loras``) are merged into the
+encoders' weights when they are read (`flux_jax.lora_io.text_encoders`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flux_jax.data.encoding import EncoderPaths, place, read_clip, read_t5
 from flux_jax.encoders.tokenizers import load_clip_tokenizer, load_t5_tokenizer, tokenize_clip, tokenize_t5
+from flux_jax.lora_io.text_encoders import TextEncoderLoras
 from flux_jax.sampling.sampler import SamplingError, TextConditioning
 from flux_jax.sampling.schedules import Match
 from flux_jax.sharding import replicate
@@ -51,10 +53,15 @@ class PromptEncoder:
         self._fn = jax.jit(functools.partial(_encode, self._t5[0], self._clip[0]), out_shardings=self._replicated)
 
     @classmethod
-    def load(cls, paths: EncoderPaths, *, mesh: Mesh, dtype: str = "bf16") -> PromptEncoder:
+    def load(
+        cls, paths: EncoderPaths, *, mesh: Mesh, dtype: str = "bf16", loras: TextEncoderLoras | None = None
+    ) -> PromptEncoder:
+        """The encoders ``paths`` names, in ``dtype``, with ``loras`` (``{"clip": {...}, "t5": {...}}``, at the
+        strength it holds: combine scales with `flux_jax.lora_io.combine.combine_text_encoder_loras`) merged in."""
+        loras = loras or {}
         return cls(
-            read_t5(paths.t5, dtype),
-            read_clip(paths.clip, dtype),
+            read_t5(paths.t5, dtype, lora=loras.get("t5")),
+            read_clip(paths.clip, dtype, lora=loras.get("clip")),
             load_t5_tokenizer(paths.t5_tokenizer),
             load_clip_tokenizer(paths.clip_tokenizer),
             mesh=mesh,

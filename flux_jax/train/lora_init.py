@@ -5,6 +5,11 @@ training run / checkpoint directory (its latest checkpoint). Each layer the file
 with the file's alpha / rank folded into B so the run's own alpha keeps meaning what the config says; layers the
 run adapts and the file does not keep their fresh initialisation. Refused with the module named: a module the run
 does not adapt (its weights would be silently dropped) and a rank other than ``lora.rank``.
+
+A file with text-encoder parts (CLIP-L, T5: a whole LoRA from another trainer) is accepted; those parts are not
+trained (the recipe trains the transformer only; one note says so). Validation encodes its prompts with them
+(`text_encoder_parts`), so its pictures show the LoRA whole; the run's checkpoints and exports hold the transformer
+LoRA alone.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import numpy as np
 
 from flux_jax.errors import ConfigError
 from flux_jax.lora_io.adapters import to_host
+from flux_jax.lora_io.text_encoders import TextEncoderLoras, count
 from flux_jax.lora_io.weights import LoraWeights, parse_module
+from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
 from flux_jax.model.lora import lora_modules
+from flux_jax.storage import is_local_file, is_remote
 from flux_jax.train.lora_sources import read_lora
 
 log = logging.getLogger(__name__)
@@ -38,7 +46,17 @@ def init_lora_from(model: Flux, source: str | os.PathLike) -> int:
     The adapters keep their shardings: each new value is computed by a jitted select between the file's values
     (host arrays, the same on every host) and the current ones, with the current sharding as the output's.
     """
-    weights = read_lora(source, config=model.config).weights
+    lora = read_lora(source, config=model.config)
+    weights = lora.weights
+    if lora.text_encoders:
+        log.warning(
+            "%s: %s also holds text-encoder LoRA parts (%s); they are not trained (this recipe trains the transformer "
+            "only): validation encodes its prompts with them, and the run's checkpoints and exports hold the "
+            "transformer LoRA alone",
+            KEY,
+            source,
+            count(lora.text_encoders),
+        )
     adapters = {path: linear.lora for path, linear in lora_modules(model)}
     masks = {p: to_host(ad.mask[...]) if ad.mask is not None else np.ones(1, np.float32) for p, ad in adapters.items()}
     by_module: dict[str, dict[int | None, LoraWeights]] = {}
@@ -94,6 +112,20 @@ def init_lora_from(model: Flux, source: str | os.PathLike) -> int:
     if layers < total:
         log.warning("%d adapted layer(s) are not in %s and start fresh (random A, zero B)", total - layers, source)
     return layers
+
+
+def text_encoder_parts(source: str | os.PathLike | None, config: FluxConfig) -> TextEncoderLoras:
+    """The text-encoder parts of a ``lora.init_from`` file ({} for none, or for a run directory, which has none).
+
+    Read again when validation is built (a resumed run does not apply ``init_from``, yet its validation must
+    encode the prompts as before): a file that is gone by then is a warning, and validation runs without them."""
+    if not source:
+        return {}
+    if not is_local_file(source):
+        if not is_remote(source) and not os.path.exists(source):
+            log.warning("%s: %s is gone; validation encodes its prompts without its text-encoder parts", KEY, source)
+        return {}
+    return read_lora(source, config=config).text_encoders
 
 
 def _select(items: list[tuple[np.ndarray, np.ndarray, jax.Array]], shardings: tuple) -> list[jax.Array]:

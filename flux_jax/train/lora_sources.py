@@ -3,7 +3,8 @@
 `flux-jax export` (to a LoRA file, or merged into a base), `lora.init_from` and the library all name a LoRA the same
 way: a LoRA .safetensors file in any format flux-jax imports, or a training run (its ``output_dir``, its
 ``checkpoints/`` directory or one ``checkpoints/<step>`` directory; local or gs://). Files are read by
-`flux_jax.lora_io`; runs by the trainer's checkpoint reader.
+`flux_jax.lora_io`; runs by the trainer's checkpoint reader. Only a file can hold text-encoder parts (CLIP-L, T5):
+a run trains the transformer alone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flux_jax.errors import FluxJaxError
 from flux_jax.lora_io.adapters import lora_weights_from_model
 from flux_jax.lora_io.export import MetadataMode, check_format, check_metadata_mode, convert_lora_file, write_lora_file
 from flux_jax.lora_io.import_ import read_lora_file
+from flux_jax.lora_io.text_encoders import TextEncoderLoras
 from flux_jax.lora_io.weights import LoraWeights, check_values
 from flux_jax.model.config import FluxConfig
 from flux_jax.storage import is_local_file, run_path
@@ -37,6 +39,8 @@ class LoraSource:
     dtype: np.dtype | None
     """A file's storage dtype; None for a run (fp32 masters)."""
     is_run: bool
+    text_encoders: TextEncoderLoras = dataclasses.field(default_factory=dict)
+    """A file's CLIP-L / T5 parts ({"clip": {module: LoraWeights}, "t5": {...}}); {} for a run."""
 
 
 def read_run(
@@ -64,7 +68,9 @@ def read_lora(
     if is_local_file(src):
         _no_run_options(src, step, ema)
         lora = read_lora_file(src, config, allow_nonfinite=allow_nonfinite)
-        return LoraSource(lora.weights, lora.config, lora.meta, lora.dtype, is_run=False)
+        return LoraSource(
+            lora.weights, lora.config, lora.meta, lora.dtype, is_run=False, text_encoders=lora.text_encoders
+        )
     weights, cfg, meta = read_run(src, step, ema)
     check_values(weights, f"{src} (step {meta.get('step')})", allow_nonfinite=allow_nonfinite)
     return LoraSource(weights, cfg, meta, None, is_run=True)

@@ -13,6 +13,9 @@ conditioning (the text encoders are freed right after), the VAE (kept), a ``Flux
 - Each image has its own seed's noise, the [1, 16, H/8, W/8] draw a tool makes for that seed and this prompt alone
   (``validation.batch`` only groups images into sampler calls), so an image can be rendered again in diffusers or
   ComfyUI; prompts are encoded one by one for the same reason (ComfyUI pads T5 to the prompt's own length).
+- When ``lora.init_from`` is a file with text-encoder parts (a whole LoRA from another trainer), the prompts are
+  encoded with them merged into CLIP-L / T5 (at ``lora_scale`` too), on every validation of the run, resumed or
+  not: the pictures show the user's LoRA whole. Those parts are not trained (see `flux_jax.train.lora_init`).
 - The validation loss is ``eval_loss`` of the current LoRA on fixed held-out batches with fixed keys: the same
   noise and timesteps at every validation step, so its curve compares parameters, not draws.
 
@@ -50,6 +53,9 @@ from flux_jax.data.encoding import resolve_encoder_paths
 from flux_jax.data.examples import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource
 from flux_jax.data.inputs import check_fits
 from flux_jax.errors import CheckpointError, ConfigError, DataError, FluxJaxError
+from flux_jax.lora_io.combine import combine_text_encoder_loras
+from flux_jax.lora_io.export import path_name
+from flux_jax.lora_io.text_encoders import count
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.lora import LoRADropoutKey, LoRAMask, lora_modules, set_lora_training
 from flux_jax.run_config import RunConfig, ValidationConfig
@@ -59,6 +65,7 @@ from flux_jax.sampling.prompts import PromptEncoder
 from flux_jax.sampling.sampler import FluxSampler, SampleSettings, SamplingError, TextConditioning
 from flux_jax.sharding import batch_sharding
 from flux_jax.storage import run_path, write_text
+from flux_jax.train.lora_init import text_encoder_parts
 from flux_jax.train.metrics import MetricsWriter
 from flux_jax.train.objective import Objective
 from flux_jax.train.state import TrainState, unflatten
@@ -344,6 +351,7 @@ class Validation:
         settings: SampleSettings | None = None,
         base_name: str = "",
         loss: HeldOutLoss | None = None,
+        text_encoder_lora: str = "",
     ):
         self.run_dir = run_dir
         self.config = config
@@ -355,6 +363,8 @@ class Validation:
         self.settings = settings
         self.base_name = base_name
         self.loss = loss
+        self.text_encoder_lora = text_encoder_lora
+        """The file (by name) whose text-encoder parts encoded the prompts; "" when none did."""
         self.calls = (
             _calls(sampler, texts, negatives, config.seeds, settings, config.batch)
             if sampler is not None and settings
@@ -382,6 +392,8 @@ class Validation:
                 lora_scale=v.lora_scale,
                 match=v.match,
             )
+            if self.text_encoder_lora:
+                out["text_encoder_lora"] = self.text_encoder_lora
         if self.loss is not None:
             out.update(loss_cache=v.loss_cache, loss_batches=v.loss_batches, loss_seed=v.loss_seed)
         return out
@@ -462,6 +474,7 @@ def build_validation(
         check_same_architecture(inputs.base, inputs.base_config, model_cfg)
     sampler, texts, negatives, settings = None, [], None, None
     base_name = inputs.base or cfg.model.base or f"random:{cfg.model.preset}"
+    text_lora_name = ""
     if inputs.prompts:
         settings = SampleSettings(
             width=v.width, height=v.height, steps=v.steps, guidance=v.guidance, cfg=v.cfg, match=v.match
@@ -472,7 +485,15 @@ def build_validation(
             raise ConfigError(f"validation: {e}", key="validation") from None
         with tempfile.TemporaryDirectory(prefix="flux_jax_demo_encoders_") as demo_dir:
             paths, _ = resolve_encoder_paths(cfg, Path(demo_dir))
-            encoder = PromptEncoder.load(paths, mesh=mesh, dtype=cfg.encoders.dtype)
+            text_loras = combine_text_encoder_loras([(text_encoder_parts(cfg.lora.init_from, model_cfg), v.lora_scale)])
+            if text_loras:
+                text_lora_name = path_name(str(cfg.lora.init_from))
+                log.info(
+                    "validation: encoding the prompts with the text-encoder LoRA parts of lora.init_from %s (%s)",
+                    cfg.lora.init_from,
+                    count(text_loras),
+                )
+            encoder = PromptEncoder.load(paths, mesh=mesh, dtype=cfg.encoders.dtype, loras=text_loras)
             schnell = not model_cfg.guidance_embed
             # One prompt at a time, as a tool encodes a single prompt (ComfyUI pads T5 to the prompt's length),
             # with the negative prompt at the same length when true CFG needs it.
@@ -529,4 +550,5 @@ def build_validation(
         settings=settings,
         base_name=base_name,
         loss=loss,
+        text_encoder_lora=text_lora_name,
     )

@@ -37,7 +37,9 @@ def _require(ok: bool, field: str, message: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     base: str = ""
-    """Base checkpoint: a diffusers transformer dir, a BFL/ComfyUI single file (bf16 or fp8)."""
+    """Base checkpoint: a diffusers transformer dir, a BFL/ComfyUI single file (bf16 or fp8), a Flax checkpoint, or
+    a Hugging Face Hub name of one (``ashen0209/Flux-Dev2Pro``, ``org/name@revision``, ``org/name/file.safetensors``;
+    a pipeline repository gives its transformer/), fetched into the HF cache (`flux_jax.hub`)."""
     preset: str | None = None
     """Architecture preset (``flux_jax.model.config.PRESETS``); with ``base: ""`` a random base of this shape
     is built, which is how tests and the tiny smoke run train without a checkpoint."""
@@ -159,8 +161,11 @@ class EncodersConfig:
     empty, tiny random-weight demo encoders are generated (deterministically, from ``demo_seed``)."""
 
     root: str = ""
+    """A FLUX.1 diffusers download, or its Hugging Face Hub name (``black-forest-labs/FLUX.1-dev``: only the
+    encoders' folders are fetched)."""
     vae: str = ""
-    """A diffusers ``vae/`` directory or a BFL ``ae.safetensors`` file."""
+    """A diffusers ``vae/`` directory or a BFL ``ae.safetensors`` file (each encoder path may be a Hub name too:
+    ``org/name/vae`` fetches that folder, ``org/name`` a pipeline repository's own folder for it)."""
     t5: str = ""
     """A transformers ``T5EncoderModel`` directory (config.json + safetensors)."""
     clip: str = ""
@@ -341,7 +346,8 @@ class ValidationConfig:
     """Images per sampler call (prompt x seed pairs; each keeps its own seed's noise, so batching changes nothing)."""
     base: str = ""
     """Sample another base than the one trained (a transformer checkpoint of the same architecture, or a FLUX.1
-    pipeline directory: its transformer/), with the trained LoRA on it; "" = the training base."""
+    pipeline directory: its transformer/, or a Hub name of either, e.g. ``black-forest-labs/FLUX.1-dev``: its
+    transformer/ only is fetched), with the trained LoRA on it; "" = the training base."""
     base_dtype: Literal["fp32", "bf16", "fp8"] = "fp8"
     """Storage dtype of ``base`` (frozen and only sampled: fp8 halves its HBM); sharded like the training base."""
     loss_cache: str = ""

@@ -3,10 +3,12 @@
     flux-jax convert flux1-dev-fp8.safetensors dev2pro-flax --dtype bf16        # PyTorch -> Flax checkpoint
     flux-jax convert dev2pro-flax flux1-dev2pro.safetensors --layout bfl        # Flax -> BFL single file
     flux-jax convert dev2pro-flax dev2pro-diffusers --layout diffusers --shard-size 5GB
-    flux-jax convert ashen0209/Flux-Dev2Pro-local flux1-dev2pro-bf16.safetensors --layout bfl --dtype bf16
+    flux-jax convert ashen0209/Flux-Dev2Pro flux1-dev2pro-bf16.safetensors --layout bfl --dtype bf16   # from the Hub
 
 SRC is detected: a BFL single file (fp32 / bf16 / fp16 / fp8 / scaled fp8, optionally ComfyUI-prefixed), a
-diffusers transformer directory, or a Flax checkpoint directory. A LoRA safetensors file (detected by its keys) is
+diffusers transformer directory, or a Flax checkpoint directory, or a Hugging Face Hub name of one
+(``org/name[@revision][/path/in/repo.safetensors]``, fetched into the HF cache first; a local path of the same
+spelling wins; see `flux_jax.hub`). A LoRA safetensors file (detected by its keys) is
 handed to the LoRA converter (`--format`; `--config` gives it the model config for unusual widths). A tensor holding
 NaN / Inf is an error naming it (`--allow-nonfinite` converts it anyway). SIGTERM stops a conversion like Ctrl-C
 (the temporary output is removed); the temporaries a SIGKILLed conversion to the same DST left are removed first.
@@ -23,6 +25,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from flux_jax import hub
 from flux_jax.atomic import remove_stale_temporaries
 from flux_jax.dtypes import DTYPES
 from flux_jax.errors import FluxJaxError
@@ -40,7 +43,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=pathlib.Path, help="checkpoint to read (file or directory; layout detected)")
+    parser.add_argument(
+        "src",
+        help="checkpoint to read (file or directory; layout detected), or a Hugging Face Hub name: org/name, "
+        "org/name@revision, org/name/path/in/repo.safetensors",
+    )
     parser.add_argument("dst", type=pathlib.Path, help="output path (must not exist unless --force)")
     parser.add_argument(
         "--layout",
@@ -115,17 +122,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     config = _read_config(args.config)
-    if _is_lora_file(args.src):
+    src = pathlib.Path(hub.resolve_transformer(args.src))  # a Hub name fetched (a LoRA repository's one file too)
+    if _is_lora_file(src):
         remove_stale_temporaries(args.dst)  # a conversion to DST killed earlier (SIGKILL) could not remove its own
         convert_lora_file(
-            args.src, args.dst, args.format, args.dtype, args.force, config=config, allow_nonfinite=args.allow_nonfinite
+            src, args.dst, args.format, args.dtype, args.force, config=config, allow_nonfinite=args.allow_nonfinite
         )
         return 0
     if args.format is not None:
         raise FluxJaxError(f"{args.src}: --format applies to LoRA files; this is a base checkpoint (use --layout)")
     shard = parse_size(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
     result = convert_checkpoint(
-        args.src,
+        src,
         args.dst,
         layout=args.layout,
         dtype=args.dtype,

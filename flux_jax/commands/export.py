@@ -27,7 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
     parser.add_argument("--ema", action="store_true", help="export the run's EMA weights (runs with optim.ema_decay)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument("--merge-into", metavar="BASE", help="write BASE + LoRA as a full transformer checkpoint")
+    parser.add_argument(
+        "--merge-into",
+        metavar="BASE",
+        help="write BASE + LoRA as a full transformer checkpoint (BASE: any layout convert reads, or a Hugging Face "
+        "Hub name of one: org/name[@revision][/file.safetensors])",
+    )
     parser.add_argument("--layout", choices=("bfl", "diffusers"), default="bfl", help="layout of a merged checkpoint")
     parser.add_argument("--strength", type=float, default=1.0, help="LoRA strength for --merge-into (default 1.0)")
     parser.add_argument(

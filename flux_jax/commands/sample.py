@@ -4,14 +4,15 @@
 
 ``--base`` is a FLUX.1 diffusers pipeline directory (transformer/, vae/, text_encoder/, text_encoder_2/,
 tokenizer/, tokenizer_2/), or a transformer checkpoint of any layout with ``--encoders`` a pipeline directory for
-the rest. Prompts are sampled ``--batch`` at a time; batch k (0, 1, ...) is one noise draw of shape
-[B, 16, H/8, W/8] for seed ``--seed + k``, as diffusers' FluxPipeline (``num_images_per_prompt`` / a prompt list)
-and ComfyUI's KSampler draw a batch, so image j of batch k is the image those tools give for that seed, batch
-size and position. Every input is checked (and every LoRA read and fitted to the base's config) before anything
-loads or compiles. A LoRA file's text-encoder parts (CLIP-L, T5; see `flux_jax.lora_io.text_encoders`) are applied
-too, merged into the encoders at the LoRA's scale before the prompts are encoded (checked against the encoders'
-headers first). ``--out`` appears only when complete: one PNG per image carrying its settings as text chunks,
-``grid.png`` and ``samples.json``.
+the rest; either may be a Hugging Face Hub name (``black-forest-labs/FLUX.1-dev``), fetched first (`flux_jax.hub`).
+Prompts are sampled ``--batch`` at a time; batch k (0, 1, ...) is one noise draw of shape [B, 16, H/8, W/8] for
+seed ``--seed + k``, as diffusers' FluxPipeline (``num_images_per_prompt`` / a prompt list) and ComfyUI's KSampler
+draw a batch, so image j of batch k is the image those tools give for that seed, batch size and position. Every
+input is checked (and every LoRA read and fitted to the base's config) before anything loads or compiles; a Hub name
+is fetched after the cheap checks and then checked as the local path it became. A LoRA file's text-encoder parts
+(CLIP-L, T5; see `flux_jax.lora_io.text_encoders`) are applied too, merged into the encoders at the LoRA's scale
+before the prompts are encoded (checked against the encoders' headers first). ``--out`` appears only when complete:
+one PNG per image carrying its settings as text chunks, ``grid.png`` and ``samples.json``.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base",
         required=True,
         help="a FLUX.1 diffusers pipeline directory (transformer/, vae/, text_encoder/, text_encoder_2/, "
-        "tokenizer/, tokenizer_2/), or a transformer checkpoint of any layout together with --encoders",
+        "tokenizer/, tokenizer_2/), or a transformer checkpoint of any layout together with --encoders; or a "
+        "Hugging Face Hub name of either (org/name[@revision][/file.safetensors], e.g. black-forest-labs/FLUX.1-dev)",
     )
     parser.add_argument(
         "--encoders",
         metavar="DIR",
-        help="a FLUX.1 pipeline directory (with or without transformer/) for the VAE, text encoders and "
-        "tokenizers; required when --base is a transformer checkpoint",
+        help="a FLUX.1 pipeline directory (with or without transformer/) or Hub name for the VAE, text encoders "
+        "and tokenizers; required when --base is a transformer checkpoint",
     )
     parser.add_argument(
         "--lora",

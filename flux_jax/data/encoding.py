@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from flux_jax import hub
 from flux_jax.axes import DEFAULT_RULES
 from flux_jax.dtypes import dtype_name, parse_dtype
 from flux_jax.encoders.clip import CLIPTextConfig, CLIPTextModel, load_clip
@@ -72,7 +73,9 @@ class EncoderPaths:
 
 def resolve_encoder_paths(cfg: Any, demo_dir: Path) -> tuple[EncoderPaths, str | None]:
     """The paths an `EncodersConfig` names; (paths, demo stamp) where the demo encoders are generated into
-    ``demo_dir`` when nothing is configured. A partially configured set is an error, not a silent demo."""
+    ``demo_dir`` when nothing is configured. A partially configured set is an error, not a silent demo. Hugging
+    Face Hub names (`flux_jax.hub`) are fetched first: only the encoders' folders of ``root``, only the named
+    encoder's folder (or file) of each of the others."""
     from flux_jax.data.demo import build_demo_encoders
 
     enc = cfg.encoders
@@ -81,17 +84,26 @@ def resolve_encoder_paths(cfg: Any, demo_dir: Path) -> tuple[EncoderPaths, str |
     if stamp is not None:
         root = build_demo_encoders(demo_dir, seed=enc.demo_seed, dims=_demo_dims(cfg.model.preset))
     elif enc.root:
-        root, stamp = Path(enc.root), None
+        root, stamp = Path(_fetched("root", enc.root)), None
     else:
         missing = [f"encoders.{name}" for name, value in given.items() if not value]
         if missing:
             raise FluxJaxError(f"set encoders.root, or every one of {', '.join(missing)} too")
         root, stamp = Path("."), None
-    paths = {name: Path(value) if value else root / ROOT_LAYOUT[name] for name, value in given.items()}
+    paths = {name: Path(_fetched(name, value)) if value else root / ROOT_LAYOUT[name] for name, value in given.items()}
     for name, path in paths.items():
         if not path.exists():
             raise CheckpointError(f"encoders.{name}: {path} does not exist")
     return EncoderPaths(**paths), stamp
+
+
+def _fetched(name: str, value: str) -> str:
+    """``encoders.<name>``'s value resolved (a Hub name fetched: the pipeline's encoders for ``root``, the
+    encoder's own folder for the others), its errors naming the key."""
+    try:
+        return hub.resolve_encoders(value) if name == "root" else hub.resolve_folder(value, ROOT_LAYOUT[name])
+    except CheckpointError as e:
+        raise CheckpointError(f"encoders.{name}: {e}") from None
 
 
 def demo_stamp(cfg: Any) -> str | None:

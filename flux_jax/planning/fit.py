@@ -29,6 +29,7 @@ import re
 import time
 from typing import Any
 
+from flux_jax import hub
 from flux_jax.errors import FluxJaxError
 from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import PRESETS, FluxConfig
@@ -132,10 +133,11 @@ def resolve_model(cfg: RunConfig) -> tuple[FluxConfig, str, tuple[str, ...]]:
         if cfg.model.preset not in PRESETS:
             raise FluxJaxError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
         return PRESETS[cfg.model.preset], cfg.model.preset, ()
-    if cfg.model.base and pathlib.Path(cfg.model.base).exists():
+    local = hub.resolve_transformer(cfg.model.base, download=False) if cfg.model.base else ""  # a Hub name if cached
+    if local and pathlib.Path(local).exists():
         from flux_jax.weights.checkpoint import open_checkpoint
 
-        with open_checkpoint(cfg.model.base) as ckpt:
+        with open_checkpoint(local) as ckpt:
             return ckpt.config, cfg.model.base, ()
     note = (f"model.base {cfg.model.base!r} is not on this machine: planned the Flux.1-dev architecture "
             "(Dev2Pro's); set model.preset to plan another")  # fmt: skip

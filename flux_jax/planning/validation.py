@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from flux_jax import hub
 from flux_jax.dtypes import DTYPES
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig
 from flux_jax.flow import packed_seq_len
@@ -169,7 +170,7 @@ def validation_architecture(spec: ValidationSpec, model_config: FluxConfig) -> t
     training base's (the recipe's Flux.1-dev beside Dev2Pro shares it)."""
     if not spec.base:
         return model_config, "the training base", ()
-    path = pathlib.Path(spec.base)
+    path = pathlib.Path(hub.resolve_transformer(spec.base, download=False))  # a Hub name if cached
     if (path / "transformer").is_dir():
         path = path / "transformer"
     if path.exists():
@@ -190,7 +191,10 @@ def vae_architecture(cfg: RunConfig) -> VAEConfig:
     if demo_stamp(cfg) is not None:
         return VAEConfig.tiny()  # flux_jax.data.demo builds the demo VAE with this config
     enc = cfg.encoders
-    folder = pathlib.Path(enc.vae) if enc.vae else pathlib.Path(enc.root) / ROOT_LAYOUT["vae"]
+    if enc.vae:
+        folder = pathlib.Path(hub.resolve_folder(enc.vae, ROOT_LAYOUT["vae"], download=False))
+    else:
+        folder = pathlib.Path(hub.resolve_encoders(enc.root, download=False)) / ROOT_LAYOUT["vae"]
     config = folder / "config.json"
     if folder.is_dir() and config.is_file():
         return VAEConfig.from_diffusers(json.loads(config.read_text()))

@@ -3,7 +3,9 @@
 A FLUX.1 diffusers download (``black-forest-labs/FLUX.1-dev``) holds everything: ``transformer/`` and the
 encoders' folders (``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``). A
 transformer alone (a BFL or ComfyUI single file, fp8 included, a diffusers transformer folder, a Flax checkpoint)
-takes its encoders from such a directory, as ``encoders.root`` does for ``flux-jax cache``.
+takes its encoders from such a directory, as ``encoders.root`` does for ``flux-jax cache``. Either may be a Hugging
+Face Hub name (``black-forest-labs/FLUX.1-dev``, ``ashen0209/Flux-Dev2Pro``; `flux_jax.hub`): only the files the
+base needs are fetched, and a repository that cannot serve as the base is refused before any download.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax import hub
 from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.data.encoding import ROOT_LAYOUT, EncoderPaths, place, read_vae
 from flux_jax.dtypes import parse_dtype
@@ -36,8 +39,8 @@ class SamplingBase:
 
 
 def encoder_paths(root: str | os.PathLike) -> EncoderPaths:
-    """The encoders of a pipeline directory; a CheckpointError naming every missing folder."""
-    root = Path(root)
+    """The encoders of a pipeline directory (or Hub name); a CheckpointError naming every missing folder."""
+    root = Path(hub.resolve_encoders(root))
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such encoders directory (a FLUX.1 pipeline directory)")
     missing = [sub for sub in ROOT_LAYOUT.values() if not (root / sub).exists()]
@@ -49,8 +52,20 @@ def encoder_paths(root: str | os.PathLike) -> EncoderPaths:
 def resolve_base(base: str | os.PathLike, encoders: str | os.PathLike | None = None) -> SamplingBase:
     """``base`` a pipeline directory (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)
     or a transformer checkpoint with ``encoders`` a pipeline directory; a CheckpointError naming the missing piece
-    otherwise. Reads no weights."""
-    path = Path(base)
+    otherwise. Reads no weights. A Hub name is fetched first: a pipeline when ``encoders`` is None, else only a
+    transformer (and ``encoders``' encoders)."""
+    if encoders is not None:
+        path = Path(hub.resolve_transformer(base))
+    else:
+        try:
+            path = Path(hub.resolve_pipeline(base))
+        except hub.NotAPipelineError as e:
+            if not e.holds_transformer:
+                raise
+            raise CheckpointError(
+                f"{base}: a transformer checkpoint without its encoders; pass a FLUX.1 pipeline repository or "
+                "directory as the base, or the encoders' one too (--encoders)"
+            ) from None
     if not path.exists():
         raise CheckpointError(f"{path}: no such base (a FLUX.1 pipeline directory or a transformer checkpoint)")
     if path.is_dir() and (path / "transformer").is_dir():

@@ -46,7 +46,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from flux_jax import __version__
+from flux_jax import __version__, hub
 from flux_jax.axes import Rules
 from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.data.encoding import resolve_encoder_paths
@@ -137,8 +137,13 @@ def read_prompts(v: ValidationConfig) -> tuple[str, ...]:
 
 def open_base(base: str) -> tuple[str, FluxConfig]:
     """``validation.base`` as a transformer checkpoint (a FLUX.1 pipeline directory's transformer/, or itself) and
-    its architecture; a missing or unreadable checkpoint is an error naming the key. Reads no weights."""
-    path = Path(base)
+    its architecture; a missing or unreadable checkpoint is an error naming the key. Reads no weights. A Hugging
+    Face Hub name is fetched first, its transformer only: the prompts are encoded with the ``encoders`` section's
+    encoders, never with this base's."""
+    try:
+        path = Path(hub.resolve_transformer(base))
+    except CheckpointError as e:
+        raise CheckpointError(f"validation.base: {e}") from None
     if not path.exists():
         raise ConfigError(f"validation.base: {base} does not exist", key="validation.base")
     if (path / "transformer").is_dir():
@@ -473,7 +478,8 @@ def build_validation(
     if inputs.base_config is not None:  # before anything is loaded for validation
         check_same_architecture(inputs.base, inputs.base_config, model_cfg)
     sampler, texts, negatives, settings = None, [], None, None
-    base_name = inputs.base or cfg.model.base or f"random:{cfg.model.preset}"
+    # The base as configured (a Hub name stays one, not its path in the local HF cache).
+    base_name = v.base or cfg.model.base or f"random:{cfg.model.preset}"
     text_lora_name = ""
     if inputs.prompts:
         settings = SampleSettings(

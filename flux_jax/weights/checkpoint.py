@@ -5,7 +5,8 @@ with the index when sharded), a diffusers single file, a BFL single file (option
 `model.diffusion_model.` prefix) in fp32 / bf16 / fp16 / plain fp8 / scaled fp8 (see `flux_jax.weights.fp8`), and a
 Flax checkpoint directory written by `flux_jax.weights.flax_checkpoint`. The layout is detected from the files; the
 config is read from `config.json` / our metadata or inferred from tensor shapes (dev vs schnell from the presence of
-the guidance embedder). Everything is validated against the key table before a byte of data is read.
+the guidance embedder). Everything is validated against the key table before a byte of data is read. A Hugging Face
+Hub name (``org/name[@revision][/file]``, see `flux_jax.hub`) is fetched into the HF cache first and opened there.
 
 The opened checkpoint is a `flux_jax.weights.handle.FluxCheckpoint`.
 """
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from flux_jax import hub
 from flux_jax.errors import CheckpointError
 from flux_jax.model.config import CONFIG_METADATA_KEY, FluxConfig, config_from_metadata
 from flux_jax.weights import flax_checkpoint, flux_keys
@@ -149,8 +151,9 @@ def infer_config(
 
 
 def open_checkpoint(path: str | os.PathLike, *, config: FluxConfig | None = None) -> FluxCheckpoint:
-    """Open `path` (any layout in the module docstring), validate it, and return BFL-keyed lazy tensors."""
-    path = pathlib.Path(path)
+    """Open `path` (any layout in the module docstring, or a Hub name of one), validate it, and return BFL-keyed
+    lazy tensors."""
+    path = pathlib.Path(hub.resolve_transformer(path))
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if flax_checkpoint.is_flax_checkpoint(path):

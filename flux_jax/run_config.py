@@ -300,9 +300,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases, beside TensorBoard: on when ``project`` is set (``pip install 'flux-jax[wandb]'``)."""
+
+    project: str = ""
+    entity: str = ""
+    """W&B user or team; empty = your default entity."""
+    name: str = ""
+    """Display name of the run; empty = W&B's generated one."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """``offline`` writes the run under ``<run>/wandb/`` for a later ``wandb sync``."""
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     every: int = 1
     tensorboard: bool = True
+    wandb: WandbConfig = WandbConfig()
+    """Off unless ``log.wandb.project`` is set; the run resumes into the same W&B run (id in ``<run>/wandb_id``)."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU metric; None = known accelerators' bf16 peak (no MFU on CPU)."""
 

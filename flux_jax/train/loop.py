@@ -424,7 +424,10 @@ def setup(
         is_main = jax.process_index() == 0
         if is_main and (latest or 0) < cfg.train.steps:  # a run with nothing left to do leaves its files alone
             write_text(run_dir / "config.yaml", cfg.to_yaml())
-        metrics = MetricsWriter(run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main)
+        metrics = MetricsWriter(
+            run_dir, tensorboard=cfg.log.tensorboard, resume_step=latest or 0, enabled=is_main,
+            wandb=cfg.log.wandb, config=cfg.to_dict(),
+        )  # fmt: skip
         undo.callback(metrics.close)
         validation = None
         # A finished run builds nothing for validation, unless its last validation is missing (a stop signal at

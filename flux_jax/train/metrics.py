@@ -51,9 +51,11 @@ class MetricsWriter:
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0, enabled: bool = True
-    ):
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0, enabled: bool = True,
+        wandb=None, config: Mapping | None = None,
+    ):  # fmt: skip
         self.enabled = enabled
+        self._wandb = None
         self.run_dir = run_path(run_dir)
         self.remote = is_remote(self.run_dir)
         self._tb = None
@@ -77,6 +79,10 @@ class MetricsWriter:
             # On resume, TensorBoard hides what the previous run logged past the resumed step (it is logged again).
             purge = resume_step + 1 if resume_step > 0 else None
             self._tb = SummaryWriter(str(self.local_dir / TENSORBOARD_DIR), purge_step=purge)
+        if wandb is not None and wandb.project:  # log.wandb: the same scalars and images, one W&B run per run dir
+            from flux_jax.train.wandb_tracker import WandbTracker
+
+            self._wandb = WandbTracker(self.run_dir, wandb, config or {}, local_dir=self.local_dir)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -103,9 +109,13 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(f"{group}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.scalars(step, {k: v for k, v in record.items() if k != "step"}, group)
 
     def add_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        """TensorBoard image summaries: ``{tag: uint8 [H, W, 3]}`` at ``step`` (nothing without TensorBoard)."""
+        """TensorBoard (and W&B) images: ``{tag: uint8 [H, W, 3]}`` at ``step`` (nothing without either)."""
+        if self.enabled and self._wandb is not None:
+            self._wandb.images(step, images)
         if not self.enabled or self._tb is None:
             return
         for tag, image in images.items():
@@ -129,6 +139,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()  # flushes
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         try:
             self.sync()
         finally:

@@ -66,8 +66,13 @@ class LoraConfig:
     run directory (its latest checkpoint). Its rank must equal ``rank``; ignored when the run resumes."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the trainable adapter weights (fp32 keeps small updates from rounding away)."""
+    trigger_words: tuple[str, ...] = ()
+    """Words that call up what the LoRA learned (the captions' trigger token, e.g. ``ohwx``); they go into the
+    exported file's metadata and model card (``instance_prompt``). Training does not use them."""
 
     def __post_init__(self) -> None:
+        for i, word in enumerate(self.trigger_words):
+            _require(bool(word.strip()), f"trigger_words[{i}]", "is empty")
         _require(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
         _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")

@@ -24,7 +24,7 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -53,7 +53,7 @@ METADATA_MODES: tuple[str, ...] = ("public", "full")
 # Meta fields that are never paths, kept verbatim in public metadata (regexes such as `targets` must not be cut).
 _VERBATIM_META = frozenset(
     {"format", "version", "step", "rank", "alpha", "targets", "blocks", "lora_dtype", "ema", "adapted",
-     "base_config", "guidance", "guidance_range", "timestep_sampling", "steps"}
+     "base_config", "guidance", "guidance_range", "timestep_sampling", "steps", "trigger_words"}
 )  # fmt: skip
 # Left out of public metadata: the full run config names local paths (output_dir, model.base, data.path, ...).
 _PRIVATE_META = ("config",)
@@ -137,7 +137,8 @@ def export_metadata(
     """String metadata for an exported file.
 
     meta: the training summary (keys of a training run's meta: step, rank, alpha, targets, base, guidance,
-      timestep_sampling, steps, dataset, config); absent keys are left out.
+      timestep_sampling, steps, dataset, config; and trigger_words, also written as `modelspec.trigger_phrase`);
+      absent keys are left out.
     carried: a source file's metadata; its `ss_*` / `modelspec.*` entries are kept (ours win where both exist).
     metadata: "public" (default): no local paths (`public_meta`, `public_carried`); "full": everything as given.
     config: the model config written as `flux_jax.config`; None (a file with text-encoder parts only) writes none.
@@ -166,6 +167,8 @@ def export_metadata(
     if described:
         out["modelspec.description"] = f"Flux.1 LoRA trained with flux-jax ({described})"
     out["modelspec.title"] = title
+    if meta.get("trigger_words"):  # the model spec's field for them, which UIs show (ours win over a carried one)
+        out["modelspec.trigger_phrase"] = ", ".join(meta["trigger_words"])
     if fmt == "kohya":
         # kohya's own keys, as its tools and the A1111/Forge metadata viewers expect (all values strings).
         out.setdefault("ss_network_module", "networks.lora_flux")
@@ -270,10 +273,12 @@ def convert_lora_file(
     *,
     allow_nonfinite: bool = False,
     metadata: MetadataMode = "public",
+    trigger_words: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Rewrite a LoRA file of any supported format as `format` (dtype defaults to the source's).
 
-    metadata: "public" (the source's metadata without local paths) or "full"; allow_nonfinite: accept NaN / Inf.
+    metadata: "public" (the source's metadata without local paths) or "full"; allow_nonfinite: accept NaN / Inf;
+    trigger_words: replace the source's (None keeps them).
     """
     check_format(format)
     check_metadata_mode(metadata)
@@ -286,7 +291,8 @@ def convert_lora_file(
         dtype = next((n for n in FLOAT_NAMES if DTYPES[n] == lora.dtype), "fp32")
     text = f" + text encoders ({count(lora.text_encoders)})" if lora.text_encoders else ""
     log.info("read %s LoRA (%d modules%s) from %s", lora.format, len(lora.weights), text, src)
+    meta = lora.meta if trigger_words is None else {**lora.meta, "trigger_words": list(trigger_words)}
     return write_lora_file(
-        dst, lora.weights, format, config=cfg, dtype=dtype, meta=lora.meta, carried=lora.metadata, force=force,
+        dst, lora.weights, format, config=cfg, dtype=dtype, meta=meta, carried=lora.metadata, force=force,
         metadata=metadata, allow_nonfinite=allow_nonfinite, text_encoders=lora.text_encoders,
     )  # fmt: skip

@@ -423,3 +423,18 @@ def read_lora_weights(
     got = got[item]
     nnx.update(model, unflatten(lora_state, got))
     return model, meta
+
+
+def read_run_meta(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int, dict[str, Any]]:
+    """(run directory, step, meta) of a run's checkpoint, without reading any weights: what `flux-jax export`'s
+    model card says about a run. ``path`` and ``step`` as for ``read_lora_weights``."""
+    ckpt_dir, step = _locate(run_path(path), step)
+    reader = Checkpointer(ckpt_dir.parent, read_only=True)
+    try:
+        if step is None:
+            step = reader.latest_step()
+            if step is None:
+                raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
+        return ckpt_dir.parent, step, reader.read_meta(step)
+    finally:
+        reader.close()

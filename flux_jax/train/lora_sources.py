@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -81,6 +82,12 @@ def _no_run_options(src: str | os.PathLike, step: int | None, ema: bool) -> None
         raise FluxJaxError(f"{src}: --step / --ema apply to a training run directory, not to a LoRA file")
 
 
+def run_trigger_words(meta: Mapping) -> list[str]:
+    """A run's ``lora.trigger_words`` from its meta's saved config (runs from before that key have none)."""
+    lora = (meta.get("config") or {}).get("lora") or {}
+    return [str(w) for w in lora.get("trigger_words") or ()]
+
+
 def export_lora(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -92,26 +99,32 @@ def export_lora(
     force: bool = False,
     metadata: MetadataMode = "public",
     allow_nonfinite: bool = False,
+    trigger_words: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """`flux-jax export`: a training run / checkpoint directory, or a LoRA file, to a `format` LoRA file.
 
     A run directory's latest checkpoint is used unless `step` is given; `ema` takes the run's EMA weights. dtype
     defaults to bf16 for a run and to the source's for a file (whose metadata is carried over). metadata: "public"
     (default; no local paths, no full run config) or "full" (see `flux_jax.lora_io.export`). allow_nonfinite:
-    write NaN / Inf weights instead of refusing them.
+    write NaN / Inf weights instead of refusing them. trigger_words go into the file's metadata (``trigger_words``
+    in ``flux_jax.meta``, ``modelspec.trigger_phrase``); None: the run's ``lora.trigger_words`` / the source file's.
     """
     check_format(format)
     check_metadata_mode(metadata)
     if is_local_file(src):
         _no_run_options(src, step, ema)
         return convert_lora_file(
-            pathlib.Path(src), dst, format, dtype=dtype, force=force, allow_nonfinite=allow_nonfinite, metadata=metadata
-        )
+            pathlib.Path(src), dst, format, dtype=dtype, force=force, allow_nonfinite=allow_nonfinite,
+            metadata=metadata, trigger_words=trigger_words,
+        )  # fmt: skip
     dst = pathlib.Path(dst)
     if dst.exists() and not force:  # before reading anything
         raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
     weights, config, meta = read_run(src, step, ema)
     check_values(weights, f"{src} (step {meta.get('step')})", allow_nonfinite=allow_nonfinite)
+    words = run_trigger_words(meta) if trigger_words is None else list(trigger_words)
+    if words:
+        meta = {**meta, "trigger_words": words}
     return write_lora_file(
         dst, weights, format, config=config, dtype=dtype or "bf16", meta=meta, force=force, metadata=metadata,
         allow_nonfinite=allow_nonfinite,

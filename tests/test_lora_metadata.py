@@ -121,3 +121,14 @@ def test_metadata_full_keeps_everything(run, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "--metadata does not apply to --merge-into" in capsys.readouterr().err
     assert not merged.exists()
+
+
+def test_a_hub_base_is_named_whole_and_a_local_one_by_its_file_name(tmp_path):
+    from flux_jax.lora_io.export import public_meta
+
+    assert public_meta({"base": "ashen0209/Flux-Dev2Pro"})["base"] == "ashen0209/Flux-Dev2Pro"
+    assert public_meta({"base": "Kijai/flux-dev2pro-fp8@main/x.safetensors"})["base"].startswith("Kijai/")
+    assert public_meta({"base": "/home/me/models/dev2pro.safetensors"})["base"] == "dev2pro.safetensors"
+    local = tmp_path / "acme" / "dev2pro"
+    local.mkdir(parents=True)
+    assert public_meta({"base": str(local)})["base"] == "dev2pro"

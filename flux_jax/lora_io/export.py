@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from flux_jax import hub
 from flux_jax.atomic import OutputExistsError
 from flux_jax.dtypes import DTYPES, FLOAT_NAMES, dtype_name, parse_dtype
 from flux_jax.errors import FluxJaxError
@@ -103,14 +104,16 @@ def _scrub(value, *, relative: bool):
 
 
 def public_meta(meta: Mapping) -> dict:
-    """A training summary without local paths: no full run config, the base by its file / directory name, and
-    every other string that is not a known path-free field with its paths cut to their names."""
+    """A training summary without local paths: no full run config, the base by its Hub name or its file /
+    directory name, and every other string that is not a known path-free field with its paths cut to their names."""
     out = {}
     for key, value in meta.items():
         if key in _PRIVATE_META:
             continue
         if key == "base" and isinstance(value, str):
-            out[key] = path_name(value) if re.search(r"[/\\]", value) else value  # or "random:<preset>"
+            # A Hub name (org/name[@rev]) names no local path: kept whole, as it is what others can fetch.
+            hub_name = hub.parse(value) is not None and not os.path.exists(value)
+            out[key] = path_name(value) if re.search(r"[/\\]", value) and not hub_name else value
         elif key in _VERBATIM_META:
             out[key] = value
         else:

@@ -37,7 +37,7 @@ from flux_jax.sharding import make_mesh
 from flux_jax.weights import flux_keys
 from flux_jax.weights.safetensors_file import SafetensorsFile, save_file
 from tests.helpers.lora_reference import jit_forward, quiet_diffusers
-from tests.helpers.tiny_pipeline import TINY, build_tiny_pipeline
+from tests.helpers.tiny_pipeline import TINY, build_tiny_pipeline, load_torch_pipeline
 from tests.helpers.torch_reference import diffusers_forward, forward_inputs
 
 torch = pytest.importorskip("torch")
@@ -251,20 +251,7 @@ def peft_state(weights: dict[str, LoraWeights], adapter: str = "default") -> dic
 
 @pytest.fixture(scope="module")
 def torch_pipe(case):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    pipe = case["pipe"]
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=None,
-        text_encoder=CLIPTextModel.from_pretrained(pipe / "text_encoder").eval(),
-        # The tiny tokenizer has no model_max_length; FLUX.1's CLIP tokenizer says 77, which diffusers pads to.
-        tokenizer=CLIPTokenizer.from_pretrained(pipe / "tokenizer", model_max_length=77),
-        text_encoder_2=T5EncoderModel.from_pretrained(pipe / "text_encoder_2").eval(),
-        tokenizer_2=T5TokenizerFast.from_pretrained(pipe / "tokenizer_2"),
-        transformer=FluxTransformer2DModel.from_pretrained(pipe / "transformer").eval(),
-    )
+    return load_torch_pipeline(case["pipe"], vae=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from flux_jax.sampling.prompts import PromptEncoder
 from flux_jax.sampling.sampler import FluxSampler, SampleSettings, to_unit
 from flux_jax.sharding import make_mesh
 from tests.helpers.lora_reference import quiet_diffusers, randomize_lora
+from tests.helpers.tiny_pipeline import load_torch_pipeline
 from tests.helpers.torch_reference import diffusers_flux, exact_timestep_frequencies, tiny_config
 
 torch = pytest.importorskip("torch")
@@ -44,24 +45,14 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_pipe(pipeline_dir):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     # FLUX.1-dev's scheduler_config.json.
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )  # fmt: skip
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=AutoencoderKL.from_pretrained(pipeline_dir / "vae").eval(),
-        text_encoder=CLIPTextModel.from_pretrained(pipeline_dir / "text_encoder").eval(),
-        # The tiny tokenizer has no model_max_length; FLUX.1's CLIP tokenizer says 77, which diffusers pads to.
-        tokenizer=CLIPTokenizer.from_pretrained(pipeline_dir / "tokenizer", model_max_length=77),
-        text_encoder_2=T5EncoderModel.from_pretrained(pipeline_dir / "text_encoder_2").eval(),
-        tokenizer_2=T5TokenizerFast.from_pretrained(pipeline_dir / "tokenizer_2"),
-        transformer=FluxTransformer2DModel.from_pretrained(pipeline_dir / "transformer").eval(),
-    )
+    return load_torch_pipeline(pipeline_dir, scheduler)
 
 
 @pytest.fixture(scope="module")

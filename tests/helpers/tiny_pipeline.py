@@ -89,3 +89,21 @@ def build_tiny_pipeline(root: str | Path, *, seed: int = 0, with_transformer: bo
             write_flux_diffusers(checkpoint, root / "transformer")
         single.unlink()
     return root
+
+
+def load_torch_pipeline(root: Path, scheduler=None, *, vae: bool = True):
+    """diffusers' own ``FluxPipeline`` over a pipeline directory's components (fp32, eval mode): the PyTorch side of
+    the parity tests. ``scheduler`` defaults to diffusers' default; ``vae=False`` leaves the VAE out."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    return FluxPipeline(
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL.from_pretrained(root / "vae").eval() if vae else None,
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder").eval(),
+        # The tiny tokenizer has no model_max_length; FLUX.1's CLIP tokenizer says 77, which diffusers pads to.
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer", model_max_length=77),
+        text_encoder_2=T5EncoderModel.from_pretrained(root / "text_encoder_2").eval(),
+        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        transformer=FluxTransformer2DModel.from_pretrained(root / "transformer").eval(),
+    )

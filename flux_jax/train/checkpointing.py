@@ -393,12 +393,7 @@ def read_lora_weights(
     ckpt_dir, step = _locate(run_path(path), step)
     reader = Checkpointer(ckpt_dir.parent, read_only=True, ema=use_ema)
     try:
-        if step is None:
-            step = reader.latest_step()
-            if step is None:
-                raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
-        elif step not in reader.all_steps():
-            raise CheckpointError(f"{ckpt_dir}: no checkpoint for step {step} (have {reader.all_steps()})")
+        step = _checkpoint_step(reader, ckpt_dir, step)
         where = str(ckpt_dir / str(step))
         meta = reader.read_meta(step)
         if use_ema and not meta.get("ema"):
@@ -431,10 +426,19 @@ def read_run_meta(path: str | os.PathLike, step: int | None = None) -> tuple[epa
     ckpt_dir, step = _locate(run_path(path), step)
     reader = Checkpointer(ckpt_dir.parent, read_only=True)
     try:
-        if step is None:
-            step = reader.latest_step()
-            if step is None:
-                raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
+        step = _checkpoint_step(reader, ckpt_dir, step)
         return ckpt_dir.parent, step, reader.read_meta(step)
     finally:
         reader.close()
+
+
+def _checkpoint_step(reader: Checkpointer, ckpt_dir: epath.Path, step: int | None) -> int:
+    """``step`` if ``reader`` holds that complete checkpoint, the latest complete one for None; else a
+    CheckpointError naming ``ckpt_dir``."""
+    if step is None:
+        step = reader.latest_step()
+        if step is None:
+            raise CheckpointError(f"{ckpt_dir}: no complete checkpoint")
+    elif step not in reader.all_steps():
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint for step {step} (have {reader.all_steps()})")
+    return step

@@ -114,7 +114,7 @@ class MetricsWriter:
 
     def add_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """TensorBoard (and W&B) images: ``{tag: uint8 [H, W, 3]}`` at ``step`` (nothing without either)."""
-        if self.enabled and self._wandb is not None:
+        if self._wandb is not None:  # only an enabled writer has one
             self._wandb.images(step, images)
         if not self.enabled or self._tb is None:
             return

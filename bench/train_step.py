@@ -10,6 +10,16 @@ text 512 tokens), so the numbers compare with the PyTorch peer run on the same m
   python bench/train_step.py --depth 1 --single-depth 1 --resolution 256 --txt-len 64      # CPU smoke run
 
 One JSON line per (resolution, remat), then ``RESULTS [...]``.
+
+``--loop`` runs the trainer itself (``flux_jax.train.loop``: data iterator, step, metrics) instead of the bare step,
+and reports the fraction of step time the loop spent waiting for its input (``data_wait_fraction`` in metrics.jsonl):
+
+  python bench/train_step.py --loop tiny                                  # demo photos -> grain latent cache
+  python bench/train_step.py --loop full --depth 1 --single-depth 1 --resolution 256   # full-width examples
+
+``tiny`` caches the packaged demo photos with the demo encoders (the real ``flux-jax cache`` path) and trains the
+demo config on that grain pipeline; ``full`` writes random examples at Flux.1-dev widths (T5 [txt-len, 4096] bf16:
+4 MB per example at 512 tokens) as a cached-example dataset and trains the reduced-depth full-width model on it.
 """
 
 from __future__ import annotations
@@ -37,11 +47,12 @@ from flux_jax.model.latents import image_ids  # noqa: E402
 from flux_jax.run_config import LoraConfig, ModelConfig, OptimConfig  # noqa: E402
 from flux_jax.sharding import make_mesh, use_mesh  # noqa: E402
 from flux_jax.train import build  # noqa: E402
+from flux_jax.train.memory import memory_summary  # noqa: E402
 from flux_jax.train.metrics import useful_flops_per_sample  # noqa: E402
 from flux_jax.train.objective import Objective  # noqa: E402
 from flux_jax.train.optim import build_optimizer  # noqa: E402
 from flux_jax.train.state import abstract_like, flat_params, init_train_state, split_trainable  # noqa: E402
-from flux_jax.train.step import StepCompiler, memory_summary  # noqa: E402
+from flux_jax.train.step import StepCompiler  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: by device)")
     p.add_argument("--fsdp", type=int, default=-1, help="mesh.fsdp (default: all devices); mesh.data = 1")
+    p.add_argument("--loop", choices=["tiny", "full"], default=None,
+                   help="time the whole training loop and its input pipeline instead of the bare step")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -113,6 +126,66 @@ def time_step(args, arch, compiler, frozen, lora_state, tx, mesh, rules, res: in
     )
 
 
+def loop_run(args, arch) -> list[dict]:
+    """Train ``args.steps + args.warmup`` steps with the real trainer; the medians of its logged metrics over the
+    last ``args.steps`` (the first steps include compiles)."""
+    import tempfile
+
+    from flux_jax.commands.demo import demo_config
+    from flux_jax.data.cache import build_cache
+    from flux_jax.data.examples import Example, write_cached_examples
+    from flux_jax.run_config import load_config
+    from flux_jax.train.loop import setup
+
+    steps = args.steps + args.warmup
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        common = [f"output_dir={tmp / 'run'}", f"train.steps={steps}", "log.every=1", f"checkpoint.every={steps}",
+                  "validation.every=0"]  # fmt: skip
+        if args.loop == "tiny":
+            with demo_config(None, [*common, f"data.cache_dir={tmp / 'cache'}"]) as cfg:
+                build_cache(cfg, progress=False)
+                trainer, state = setup(cfg, progress=False)
+                what = f"demo photos, grain latent cache, tiny model, batch {cfg.train.batch_size}"
+        else:
+            rng = np.random.default_rng(0)
+            grid = args.resolution[0] // 16
+            examples = [
+                Example(
+                    latents=rng.standard_normal((grid * grid, arch.in_channels), np.float32).astype(jnp.bfloat16),
+                    t5=rng.standard_normal((args.txt_len, arch.context_in_dim), np.float32).astype(jnp.bfloat16),
+                    clip=rng.standard_normal((arch.vec_in_dim,), np.float32).astype(jnp.bfloat16),
+                    height=grid,
+                    width=grid,
+                )
+                for _ in range(max(8, args.batch * 4))
+            ]
+            write_cached_examples(tmp / "data", examples)
+            overrides = [*common, f"data.path={tmp / 'data'}", "data.synthetic=false",
+                         f"data.resolution={args.resolution[0]}",
+                         f"train.batch_size={args.batch}", f"model.base_dtype={args.base_dtype}",
+                         f"model.compute_dtype={args.compute_dtype}", f"model.attention={args.attention}",
+                         f"model.remat={args.remat[0]}", f"lora.rank={args.rank}", f"lora.alpha={float(args.rank)}",
+                         "mesh.data=1", f"mesh.fsdp={args.fsdp}", "model.preset=dev"]  # fmt: skip
+            cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", overrides)
+            trainer, state = setup(cfg, progress=False, architecture=arch)
+            what = (f"random full-width examples ({args.txt_len} T5 tokens), cached-example reader, "
+                    f"{arch.depth}+{arch.depth_single_blocks} blocks, batch {args.batch}")  # fmt: skip
+        result = trainer.run(state)
+        records = [
+            json.loads(line) for line in (pathlib.Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
+    timed = [r for r in records if r.get("step", 0) > args.warmup and "step_time" in r]
+    med = {k: float(np.median([r[k] for r in timed])) for k in ("step_time", "data_wait", "data_wait_fraction")}
+    r = dict(loop=args.loop, what=what, steps=len(timed), s_per_step=round(med["step_time"], 4),
+             data_wait_s=round(med["data_wait"], 5), data_wait_fraction=round(med["data_wait_fraction"], 4),
+             max_data_wait_fraction=round(max(r["data_wait_fraction"] for r in timed), 4))  # fmt: skip
+    print(json.dumps(r), flush=True)
+    results.append(r)
+    return results
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -122,6 +195,10 @@ def main(argv=None) -> list[dict]:
         depth=base_cfg.depth if args.depth is None else args.depth,
         depth_single_blocks=base_cfg.depth_single_blocks if args.single_depth is None else args.single_depth,
     )
+    if args.loop:
+        results = loop_run(args, arch)
+        print("RESULTS " + json.dumps(results))
+        return results
     mesh = make_mesh(1, args.fsdp, 1)
     rules = DEFAULT_RULES
     device = jax.devices()[0]

@@ -47,8 +47,9 @@ class ModelConfig:
     """Storage dtype of the frozen base weights."""
     compute_dtype: Literal["fp32", "bf16"] = "bf16"
     attention: Literal["xla", "cudnn", "splash"] = "xla"
-    remat: Literal["none", "full", "save_matmuls"] = "full"
-    """Per-block rematerialisation policy."""
+    remat: Literal["auto", "none", "full", "save_matmuls"] = "auto"
+    """Per-block rematerialisation policy; ``auto``: the first of none, save_matmuls, full whose compiled step fits
+    the device (``flux_jax.train.memory``)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,11 +21,12 @@ from flax import nnx
 
 from flux_jax import cli
 from flux_jax.model.config import PRESETS
-from flux_jax.planning.fit import Memory, Plan, format_report, parse_oom
+from flux_jax.planning.fit import Memory, Plan, format_report
 from flux_jax.planning.hlo_flops import count_flops
 from flux_jax.planning.topology import TopologyError, aot_environment, environment_ready, parse_target
 from flux_jax.planning.validation import ValidationMemory, ValidationSpec, validation_spec
 from flux_jax.run_config import from_dict, parse_override
+from flux_jax.train.memory import parse_oom
 from flux_jax.train.metrics import useful_flops_per_sample
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (tpu extra) not installed")
@@ -178,8 +179,9 @@ def test_bad_topology_is_a_one_line_error(capsys):
 
 def _plan(args, capfd, tmp_path):
     out = tmp_path / "plan.json"
+    # remat none: one compile (tiny.yaml's auto compiles every policy for the plan; test_remat_auto.py covers it)
     rc = cli.main(["plan", "--config", "configs/tiny.yaml", "--topology", "v5e:2x2", "--text-len", "8",
-                   "--json", str(out), *args])  # fmt: skip
+                   "--json", str(out), "model.remat=none", *args])  # fmt: skip
     captured = capfd.readouterr()
     return rc, captured.out, json.loads(out.read_text()) if out.exists() else None
 
@@ -327,7 +329,7 @@ from flux_jax.planning.topology import parse_target
 from flux_jax.planning.validation import ValidationSpec
 from flux_jax.run_config import load_config
 
-cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4"])
+cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "model.remat=none"])
 spec = ValidationSpec(**json.loads(sys.argv[1]))
 print(json.dumps(plan(cfg, parse_target("v5e:2x2"), text_len=8, validation=spec).to_dict()))
 """

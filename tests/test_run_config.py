@@ -59,7 +59,7 @@ def test_dev2pro_config_values() -> None:
     cfg = load_config(CONFIGS / "dev2pro_lora.yaml")
     assert cfg.train.guidance == 1.0 and cfg.train.timestep_sampling == "flux_shift"
     assert (cfg.lora.rank, cfg.lora.alpha) == (16, 16.0)
-    assert (cfg.model.base_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("bf16", "bf16", "full")
+    assert (cfg.model.base_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("bf16", "bf16", "auto")
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.steps, cfg.train.batch_size) == ("adamw", 1e-4, 1500, 8)
     assert cfg.mesh.shape == (1, -1, 1)
     with pytest.raises(ConfigError, match="data.path"):

@@ -12,10 +12,11 @@ from flux_jax.model.layers import Linear
 from flux_jax.model.lora import apply_lora, set_lora_training
 from flux_jax.run_config import OptimConfig
 from flux_jax.sharding import make_mesh
+from flux_jax.train.memory import memory_summary
 from flux_jax.train.objective import Objective
 from flux_jax.train.optim import build_optimizer
 from flux_jax.train.state import abstract_like, flat_params, init_train_state, split_trainable
-from flux_jax.train.step import StepCompiler, eval_loss, memory_summary
+from flux_jax.train.step import StepCompiler, eval_loss
 from tests.helpers.compile_cache import persistent_compile_cache
 
 C = 8  # latent channels = text width

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import re
 import time
 from typing import Any
 
@@ -43,6 +42,7 @@ from flux_jax.planning.validation import (
     validation_spec,
 )
 from flux_jax.run_config import RunConfig
+from flux_jax.train.memory import AUTO, NoRematFits, RematOption, RematSearch, memory_summary, parse_oom
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Plan:
     text_len: int
     base_dtype: str
     remat: str
+    """The remat policy of the planned step (with ``model.remat: auto``, the one chosen)."""
     attention: str
     memory: Memory
     capacity: int
@@ -96,6 +97,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     validation: ValidationMemory | None = None
     """What validation during training adds (None when it is off or was not planned)."""
+    remat_options: tuple[RematOption, ...] = ()
+    """With ``model.remat: auto``: every policy compiled, with its per-chip memory (empty for a fixed policy)."""
 
     @property
     def total(self) -> int:
@@ -144,25 +147,6 @@ def resolve_model(cfg: RunConfig) -> tuple[FluxConfig, str, tuple[str, ...]]:
     return PRESETS["dev"], "dev", (note,)
 
 
-# The TPU compiler's out-of-memory errors, e.g. "Ran out of memory on HBM, the total memory required for HLO
-# temporaries (36.00G) exceeds available HBM (15.75G)." (libtpu 0.0.42) or "Used 20.1G of 15.75G hbm.".
-_OOM = (
-    re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.IGNORECASE),
-    re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE),
-)
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_oom(message: str) -> tuple[int, int] | None:
-    """(bytes needed, bytes available) from the TPU compiler's out-of-memory error, or None for other errors."""
-    for pattern in _OOM:
-        m = pattern.search(message)
-        if m:
-            need, available = (float(m.group(i)) * _UNITS[m.group(i + 1).upper()] for i in (1, 3))
-            return int(need), int(available)
-    return None
-
-
 FROM_CONFIG = "config"
 
 
@@ -174,7 +158,6 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
 
     from flux_jax.sharding import make_mesh
     from flux_jax.train.abstract import abstract_step
-    from flux_jax.train.step import memory_summary
 
     model_config, model_name, notes = resolve_model(cfg)
     if validation == FROM_CONFIG:
@@ -182,32 +165,43 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
         notes = (*notes, *more)
     devs = devices(target)
     mesh = make_mesh(*cfg.mesh.shape, devices=devs)
-    step = abstract_step(cfg, mesh, model_config=model_config)
+    capacity = target.hbm_bytes if hbm_bytes is None else hbm_bytes
+    # remat auto: every policy is compiled for the report; the run uses the first that fits, as train would.
+    search = RematSearch(capacity=capacity, evaluate_all=True) if cfg.model.remat == AUTO else None
+    step = abstract_step(cfg, mesh, model_config=model_config, remat=search)
     batch = step.batch(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                        resolution=cfg.data.resolution, text_len=text_len)  # fmt: skip
-    capacity = target.hbm_bytes if hbm_bytes is None else hbm_bytes
     peak = peak_flops(target, devs[0])
     common = dict(target=target, model=model_name, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
                   grad_accum=cfg.train.grad_accum, resolution=cfg.data.resolution, text_len=text_len,
-                  base_dtype=cfg.model.base_dtype, remat=cfg.model.remat, attention=cfg.model.attention,
+                  base_dtype=cfg.model.base_dtype, attention=cfg.model.attention,
                   capacity=capacity, peak_flops=peak)  # fmt: skip
     log.info("compiling the train step for %s (%s, mesh %s, batch %d at %d px); this can take minutes",
              target.name, target.topology, dict(mesh.shape), cfg.train.batch_size, cfg.data.resolution)  # fmt: skip
     start = time.perf_counter()
+    refusal = None
     try:
         compiled = step.compile(batch)
+    except NoRematFits as e:
+        need = min(o.total for o in e.options)
+        refusal = (need, f"the TPU compiler ran out of HBM under every remat policy ({e})", "full", e.options)
     except jax.errors.JaxRuntimeError as e:
         oom = parse_oom(str(e))
         if oom is None:
             raise PlanError(f"compiling the step for {target.topology} failed: {str(e).strip()[:2000]}") from None
-        memory = Memory(argument=0, output=0, temp=0, alias=0, total=oom[0], from_compiler_error=True)
         note = (f"the TPU compiler ran out of HBM: the step needs {_gib(oom[0])} per chip, the compiler can use "
                 f"{_gib(oom[1])}")  # fmt: skip
+        refusal = (oom[0], note, cfg.model.remat, ())
+    if refusal is not None:
+        need, note, remat, options = refusal
+        memory = Memory(argument=0, output=0, temp=0, alias=0, total=need, from_compiler_error=True)
         if validation is not None:
             note += "; validation was not planned"
         return Plan(memory=memory, flops=None, xla_flops=None, xla_optimal_seconds=None, seconds_at_peak=None,
-                    compile_seconds=time.perf_counter() - start, notes=(*notes, note), **common)  # fmt: skip
+                    compile_seconds=time.perf_counter() - start, notes=(*notes, note), remat=remat,
+                    remat_options=options, **common)  # fmt: skip
     seconds = time.perf_counter() - start
+    common.update(remat=step.compiler.remat_policy, remat_options=step.compiler.remat_options)
     gib = memory_summary(compiled)
     if gib is None:
         raise PlanError(f"the compiled step for {target.topology} has no memory analysis")
@@ -244,7 +238,8 @@ def format_report(p: Plan) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.items())
     lines = [
         f"target     {t.name} ({t.topology}, {t.chips} chips, {t.generation.hbm_gib} GiB HBM per chip)",
-        f"model      {p.model}, base {p.base_dtype}, remat {p.remat}, attention {p.attention}",
+        f"model      {p.model}, base {p.base_dtype}, remat {p.remat}{' (auto)' if p.remat_options else ''}, "
+        f"attention {p.attention}",
         f"mesh       {mesh}",
         f"batch      {p.batch_size} global ({p.per_chip_batch:g} per chip) in {p.grad_accum} micro-batch(es), "
         f"{p.resolution} px ({packed_seq_len(p.resolution, p.resolution)} image + {p.text_len} text tokens)",
@@ -270,6 +265,13 @@ def format_report(p: Plan) -> str:
                      f"{_gib(v.resident)} + the larger of the step's {_gib(m.total - m.argument)} and the "
                      f"sampler's {_gib(v.peak)})")  # fmt: skip
     lines.append(f"  capacity     {_gib(p.capacity)}")
+    if p.remat_options:
+        lines += ["", "remat auto (the first policy that fits is used)"]
+        for o in p.remat_options:
+            size = "no memory analysis" if o.total is None else _gib(o.total)
+            verdict = "refused by the compiler" if o.refused else ("fits" if o.fits(p.capacity) else "does not fit")
+            chosen = "  <- chosen" if o.policy == p.remat and not p.memory.from_compiler_error else ""
+            lines.append(f"  {o.policy:<13}{size} ({verdict}){chosen}")
     if p.flops is not None:
         lines += ["", "compute per chip and step"]
         lines.append(f"  matmul FLOPs         {p.flops / 1e12:.4g} TFLOP (every loop iteration counted)")

@@ -47,6 +47,7 @@ from flux_jax.run_config import ModelConfig, RunConfig
 from flux_jax.sampling.sampler import decode, denoise
 from flux_jax.sharding import state_shardings, use_mesh
 from flux_jax.train.build import BASE_PARAMS, Adapters, lora_model
+from flux_jax.train.memory import parse_oom
 
 # Defaults for fields the config's validation section may not have (FLUX.1-dev's sampling recipe; fp8 storage
 # for a second base, which keeps Flux.1-dev beside a Dev2Pro training base in HBM).
@@ -250,7 +251,6 @@ def plan_validation(
 
     A TPU compiler refusing a program for lack of HBM is returned as ``from_compiler_error`` with its figure;
     other compile errors propagate."""
-    from flux_jax.planning.fit import parse_oom
 
     architecture, name, notes = validation_architecture(spec, model_config)
     graphdef, params, base = abstract_sampling_model(cfg, spec, mesh, architecture)

@@ -24,6 +24,7 @@ from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import state_shardings, use_mesh
 from flux_jax.train.build import Adapters, lora_model
+from flux_jax.train.memory import AUTO, RematSearch
 from flux_jax.train.objective import Objective
 from flux_jax.train.optim import build_optimizer
 from flux_jax.train.state import (
@@ -79,13 +80,18 @@ def _sds(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> AbstractStep:
+def abstract_step(
+    cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig, remat: RematSearch | None = None
+) -> AbstractStep:
     """The run's step compiler and abstract arguments on ``mesh`` (see the module docstring).
 
     ``model_config`` is the base's architecture (a loaded base's config comes from its checkpoint, which the
     planner need not have): the base is built as a random base of that shape, which has the same parameter
-    dtypes and shardings as a loaded one (both store through ``dtypes.storage_dtype``).
+    dtypes and shardings as a loaded one (both store through ``dtypes.storage_dtype``). ``remat``: how
+    ``model.remat: auto`` is searched (ignored for a fixed policy; required for auto).
     """
+    if cfg.model.remat == AUTO and remat is None:
+        raise ValueError("model.remat is auto: pass how to search it (remat=RematSearch(...))")
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     seed = cfg.train.seed
@@ -111,6 +117,6 @@ def abstract_step(cfg: RunConfig, mesh: Mesh, *, model_config: FluxConfig) -> Ab
     state = abstract_like(abstract_state(tx, lora, seed=seed, ema=ema), shardings)
     compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,
                             objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
-                            mesh=mesh)  # fmt: skip
+                            mesh=mesh, remat=remat if cfg.model.remat == AUTO else None)  # fmt: skip
     return AbstractStep(compiler=compiler, state=state, frozen=compiler.abstract_frozen, model_config=model_config,
                         mesh=mesh, rules=rules, adapted=tuple(adapted))  # fmt: skip

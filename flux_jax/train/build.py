@@ -23,6 +23,7 @@ from flux_jax.model.flux import Flux
 from flux_jax.model.lora import LoRADropoutKey, LoRAMask, apply_lora, set_lora_training
 from flux_jax.run_config import LoraConfig, ModelConfig
 from flux_jax.sharding import state_shardings
+from flux_jax.train.memory import initial_policy
 from flux_jax.weights.load import load_flux
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def lora_model(
             compute_dtype=model_cfg.compute_dtype,
             seed=seed,
             attention=model_cfg.attention,
-            remat=model_cfg.remat,
+            remat=initial_policy(model_cfg.remat),
         )
 
     model = nnx.eval_shape(base) if abstract_base else base()
@@ -139,7 +140,7 @@ def build_model(
             mesh=mesh,
             rules=rules,
             attention=model_cfg.attention,
-            remat=model_cfg.remat,
+            remat=initial_policy(model_cfg.remat),
         )
         cfg = base.config
     elif architecture is not None:

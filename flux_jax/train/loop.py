@@ -41,6 +41,7 @@ from flux_jax.train import build
 from flux_jax.train.checkpointing import Checkpointer, check_resume_compatible, lora_settings, run_meta
 from flux_jax.train.lease import RunDirBusyError, RunLease
 from flux_jax.train.lora_init import init_lora_from
+from flux_jax.train.memory import AUTO, RematSearch, device_capacity
 from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.optim import build_optimizer, build_schedule
@@ -124,6 +125,7 @@ class Trainer:
         self._bar: tqdm | None = None
         self._closed = False
         self._last_time: float | None = None
+        self._data_wait = 0.0  # seconds spent in the data iterator since _last_time
         self.last_loss: float | None = None
         self.hooks: list[tuple[Hook, int]] = []
 
@@ -147,7 +149,11 @@ class Trainer:
         for hook in hooks:
             hook(step, state)
         # The hooks' time is theirs: the next step's step_time starts now (it was not dispatched yet).
+        self._restart_clock()
+
+    def _restart_clock(self) -> None:
         self._last_time = time.perf_counter()
+        self._data_wait = 0.0
 
     def _catch_up(self, start: int, state: TrainState) -> None:
         """The hooks due at the starting step that have not run there (see ``add_hook``)."""
@@ -212,7 +218,9 @@ class Trainer:
             for step in range(start + 1, self.total_steps + 1):
                 if self.lease is not None:
                     self.lease.check()  # another trainer took the run directory over: write nothing more
+                fetch = time.perf_counter()
                 batch = micro_batches(next(self.data), self.grad_accum)
+                self._data_wait += time.perf_counter() - fetch
                 data_state = self.data.get_state()
                 compiles = not self.step.has_executable(batch)  # the first step, or a new bucket shape
                 if compiles and pending is not None:  # keep the compile out of the previous step's time
@@ -220,7 +228,7 @@ class Trainer:
                     pending = None
                 state, metrics = self.step(self.frozen, state, self.to_device(batch))
                 if compiles:
-                    self._last_time = time.perf_counter()
+                    self._restart_clock()
                 if pending is not None:
                     self._complete(*pending)
                 pending = (step, metrics, batch, data_state)
@@ -274,6 +282,9 @@ class Trainer:
         values = jax.device_get(metrics)
         now = time.perf_counter()
         dt = now - (self._last_time or now)
+        # The host fetches step n+1's batch while the device runs step n, so the fetches inside this interval are
+        # what the device may have waited for: their share of it is the input pipeline's cost (0 = it keeps up).
+        data_wait, self._data_wait = self._data_wait, 0.0
         self._last_time = now
         loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -303,6 +314,8 @@ class Trainer:
                 samples_per_s=samples / dt,
                 tokens_per_s=samples * (img_tokens + txt_tokens) / dt,
                 mfu=flops / dt / (self.peak * self.mesh.size) if self.peak else None,
+                data_wait=data_wait,
+                data_wait_fraction=min(1.0, data_wait / dt),
             )
         # Where the data iterator stands after this step (resume tests compare these).
         record.update({f"data_{k}": v for k, v in data_state.items() if k in ("epoch", "position", "next_batch")})
@@ -344,13 +357,18 @@ def _optim_changes(saved_meta: dict, cfg: RunConfig) -> list[str]:
 
 
 def setup(
-    cfg: RunConfig, *, devices: Sequence[jax.Device] | None = None, progress: bool = True
+    cfg: RunConfig,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = True,
+    architecture: FluxConfig | None = None,
 ) -> tuple[Trainer, TrainState]:
     """Build the trainer and its starting state (fresh, or resumed from the latest checkpoint in output_dir).
 
     First takes the run directory's lease (``RunDirBusyError`` while another trainer uses output_dir, before
     anything is built); the returned trainer holds it until ``Trainer.run`` ends (or ``Trainer.close``); a setup
-    that fails releases it.
+    that fails releases it. ``architecture``: a random base of this shape instead of ``model.preset``'s (benchmarks
+    at reduced depth).
     """
     cfg.validate_for_training(require_data=not cfg.data.synthetic)
     mesh = make_mesh(*cfg.mesh.shape, devices=devices)
@@ -380,7 +398,9 @@ def setup(
             check_resume_compatible(saved_meta, lora_settings(cfg), str(checkpointer.directory / str(latest)))
 
         with use_mesh(mesh, rules):
-            model, adapted = build.build_model(cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed)
+            model, adapted = build.build_model(
+                cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed, architecture=architecture
+            )
         model_cfg: FluxConfig = model.config
         if init_from and latest is None:  # a resumed run continues from its checkpoint instead
             init_lora_from(model, init_from)
@@ -420,6 +440,7 @@ def setup(
             objective=objective,
             ema_decay=cfg.optim.ema_decay,
             mesh=mesh,
+            remat=RematSearch(capacity=device_capacity(mesh.devices.flat[0])) if cfg.model.remat == AUTO else None,
         )
         is_main = jax.process_index() == 0
         if is_main and (latest or 0) < cfg.train.steps:  # a run with nothing left to do leaves its files alone

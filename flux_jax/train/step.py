@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from flux_jax.errors import ConfigError
 from flux_jax.model.lora import seed_dropout, set_lora_training
 from flux_jax.sharding import batch_sharding
+from flux_jax.train.memory import RematSearch, choose, memory_summary, with_remat
 from flux_jax.train.objective import Objective, flow_loss
 from flux_jax.train.state import TrainState, abstract_like, replicated, unflatten
 
@@ -162,7 +163,11 @@ def micro_batches(batch: dict[str, Any], micro: int) -> dict[str, Any]:
 
 
 class StepCompiler:
-    """Compiled train steps for one (model, optimizer, objective), one executable per batch shape."""
+    """Compiled train steps for one (model, optimizer, objective), one executable per batch shape.
+
+    ``remat``: with a ``RematSearch`` (``model.remat: auto``) the first compile tries the remat policies and keeps
+    the first that fits (``flux_jax.train.memory.choose``); every later batch shape compiles with that policy.
+    ``remat_policy`` and ``remat_options`` then say what was chosen among what."""
 
     def __init__(
         self,
@@ -176,6 +181,7 @@ class StepCompiler:
         ema_decay: float | None,
         mesh: Mesh,
         step_fn: Callable[..., Any] = train_step,
+        remat: RematSearch | None = None,
     ):
         self.mesh = mesh
         self.graphdef, self.template, self.objective = graphdef, template, objective
@@ -183,21 +189,27 @@ class StepCompiler:
         self.abstract_frozen = abstract_like(frozen, self.frozen_shardings)
         self.state_shardings = state_shardings
         self.batch_sharding = batch_sharding(mesh, batch_dim=1)  # leaves are [micro, rows, ...]
-        bound = functools.partial(step_fn, graphdef, template, tx=tx, objective=objective, ema_decay=ema_decay)
+        self._bind = functools.partial(step_fn, tx=tx, objective=objective, ema_decay=ema_decay)
         self.traces = 0  # how often jax traced the step (the Python body runs only while tracing)
+        self.remat_search = remat
+        self.remat_policy: str | None = None if remat is not None else graphdef_remat(graphdef, template, frozen)
+        self.remat_options: tuple = ()
+        self.jitted = None if remat is not None else self._jit(graphdef)
+        self.executables: dict[tuple, jax.stages.Compiled] = {}
+
+    def _jit(self, graphdef: nnx.GraphDef):
+        bound = functools.partial(self._bind, graphdef, self.template)
 
         def fn(frozen, state, batch):
             self.traces += 1
             return bound(frozen, state, batch)
 
-        metric_sharding = replicated(mesh)
-        self.jitted = jax.jit(
+        return jax.jit(
             fn,
-            in_shardings=(self.frozen_shardings, state_shardings, self.batch_sharding),
-            out_shardings=(state_shardings, metric_sharding),
+            in_shardings=(self.frozen_shardings, self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated(self.mesh)),
             donate_argnums=(1,),
         )
-        self.executables: dict[tuple, jax.stages.Compiled] = {}
 
     @staticmethod
     def signature(batch: dict[str, Any]) -> tuple:
@@ -207,8 +219,19 @@ class StepCompiler:
         """The executable for this batch shape, compiling it (and logging its memory) the first time."""
         key = self.signature(abstract_batch)
         if key not in self.executables:
-            lowered = self.jitted.lower(self.abstract_frozen, abstract_state, abstract_batch)
-            compiled = lowered.compile()
+            args = (self.abstract_frozen, abstract_state, abstract_batch)
+            if self.jitted is None:  # remat auto, not chosen yet: this compile decides
+                jitted = {}
+
+                def compile_policy(policy: str):
+                    graphdef = with_remat(self.graphdef, (self.template, self.abstract_frozen), policy)
+                    jitted[policy] = self._jit(graphdef)
+                    return jitted[policy].lower(*args).compile()
+
+                self.remat_policy, compiled, self.remat_options = choose(compile_policy, self.remat_search)
+                self.jitted = jitted[self.remat_policy]
+            else:
+                compiled = self.jitted.lower(*args).compile()
             log_memory(compiled, key)
             self.executables[key] = compiled
         return self.executables[key]
@@ -228,25 +251,9 @@ class StepCompiler:
         return compiled(frozen, state, batch)
 
 
-def memory_summary(compiled: jax.stages.Compiled) -> dict[str, float] | None:
-    """Per-device bytes of the compiled step (arguments, outputs, temporaries, donated aliases), in GiB."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if stats is None:
-        return None
-    fields = (
-        "argument_size_in_bytes",
-        "output_size_in_bytes",
-        "temp_size_in_bytes",
-        "alias_size_in_bytes",
-        "generated_code_size_in_bytes",
-    )
-    out = {f.removesuffix("_size_in_bytes"): getattr(stats, f, 0) / 2**30 for f in fields}
-    # Peak live memory of the step: inputs + outputs + temporaries, minus outputs that reuse donated inputs.
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
+def graphdef_remat(graphdef: nnx.GraphDef, *states: Any) -> str | None:
+    """The remat policy a graph definition was built with (None for a model without one, e.g. a test's toy)."""
+    return getattr(nnx.merge(graphdef, *states), "remat", None)
 
 
 def log_memory(compiled: jax.stages.Compiled, signature: tuple) -> None:

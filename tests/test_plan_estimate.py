@@ -123,8 +123,10 @@ def test_collective_bytes_every_form_and_loop_iteration():
 #   dot fusion       reads [4,8] (128) and [8,8] (256), writes [4,8] (128)                              = 512
 #   update fusion    writes one [4,8] row in place into [5,4,8]: the row (128) in, the row (128) out, the
 #                    index (4); the [5,4,8] operand it updates moves nothing                           = 260
+#   carry fusion     negates [4,8] (128 in, 128 out) and passes the [5,8,8] stack through untouched, as
+#                    libtpu's async collective fusions pass their buffers: the stack moves nothing        = 256
 #   counter add      two s32 operands and an s32 result                                                = 12
-# per trip 1300; the condition's compare (4 + 4 in, 1 out) once. Tuples, get-tuple-element, parameters,
+# per trip 1556; the condition's compare (4 + 4 in, 1 out) once. Tuples, get-tuple-element, parameters,
 # constants, bitcasts and the while itself move nothing.
 HBM_HLO = """HloModule hbm
 
@@ -151,6 +153,13 @@ HBM_HLO = """HloModule hbm
   ROOT %dus = f32[5,4,8]{2,1,0} dynamic-update-slice(%u.0, %row, %u.2, %z.1, %z.1)
 }
 
+%carry (r.0: f32[4,8], r.1: f32[5,8,8]) -> (f32[4,8], f32[5,8,8]) {
+  %r.0 = f32[4,8]{1,0} parameter(0)
+  %r.1 = f32[5,8,8]{2,1,0} parameter(1)
+  %neg = f32[4,8]{1,0} negate(%r.0)
+  ROOT %rt = (f32[4,8]{1,0}, f32[5,8,8]{2,1,0}) tuple(%neg, %r.1)
+}
+
 %cond (c.p: (s32[], f32[4,8], f32[5,8,8], f32[5,4,8])) -> pred[] {
   %c.p = (s32[], f32[4,8], f32[5,8,8], f32[5,4,8]) parameter(0)
   %c.i = s32[] get-tuple-element(%c.p), index=0
@@ -167,9 +176,12 @@ HBM_HLO = """HloModule hbm
   %layer = f32[8,8]{1,0} fusion(%w, %i), kind=kLoop, calls=%slice_layer
   %y = f32[4,8]{1,0} fusion(%x, %layer), kind=kOutput, calls=%matmul
   %ys.next = f32[5,4,8]{2,1,0} fusion(%ys, %y, %i), kind=kLoop, calls=%update_row
+  %pair = (f32[4,8]{1,0}, f32[5,8,8]{2,1,0}) fusion(%y, %w), kind=kLoop, calls=%carry
+  %y.next = f32[4,8]{1,0} get-tuple-element(%pair), index=0
+  %w.next = f32[5,8,8]{2,1,0} get-tuple-element(%pair), index=1
   %one = s32[] constant(1)
   %i.next = s32[] add(%i, %one)
-  ROOT %t = (s32[], f32[4,8], f32[5,8,8], f32[5,4,8]) tuple(%i.next, %y, %w, %ys.next)
+  ROOT %t = (s32[], f32[4,8], f32[5,8,8], f32[5,4,8]) tuple(%i.next, %y.next, %w.next, %ys.next)
 }
 
 ENTRY %main (x.0: f32[4,8], w.0: f32[5,8,8], ys.0: f32[5,4,8]) -> (s32[], f32[4,8], f32[5,8,8], f32[5,4,8]) {
@@ -185,7 +197,7 @@ ENTRY %main (x.0: f32[4,8], w.0: f32[5,8,8], ys.0: f32[5,4,8]) -> (s32[], f32[4,
 
 def test_hbm_traffic_counts_fusion_reads_and_in_place_updates():
     traffic = count_traffic(HBM_HLO)
-    per_trip = 516 + 512 + 260 + 12
+    per_trip = 516 + 512 + 260 + 256 + 12
     assert traffic.hbm_bytes == 5 * per_trip + 9
     assert traffic.flat_hbm_bytes == per_trip + 9
     assert traffic.ici_bytes == 0

@@ -15,14 +15,18 @@ all-reduce 2(n-1)/n x input, all-to-all (n-1)/n x input, collective-permute its 
 writes its output, times how often the computation runs. A fusion counts its operands and output, not its insides
 (the point of fusing), with XLA's cost-analysis refinements: a fusion operand read only through a slice or
 dynamic-slice counts the slice, an operand updated in place by a dynamic-update-slice counts nothing and the output
-the update; top-level slices, dynamic-(update-)slices and gathers likewise count the part they touch. Parameters,
+the update, and an operand a multi-output fusion passes through to its output untouched (libtpu's async collective
+fusions carry their buffers so) counts neither as read nor as written; top-level slices, dynamic-(update-)slices
+and gathers likewise count the part they touch. Parameters,
 constants, tuples, get-tuple-element, bitcasts and control flow (whose bodies are counted themselves) move nothing.
 It ignores caching (a weight read by two fusions counts twice), buffer aliasing beyond those in-place updates,
 on-chip memory (TPU operands in VMEM count as HBM) and layout padding (sizes are unpadded). ``flat_hbm_bytes`` is
-the same sum with every loop body counted once, as ``cost_analysis()["bytes accessed"]`` does; on a module without
-tuples or custom calls the two agree exactly, otherwise they differ by what XLA adds for tuples (their index tables,
-8 bytes per element on CPU, instead of nothing), custom calls (XLA counts -1 each; here operands and output) and
-async wrappers (XLA also counts an ``async-done``'s output).
+the same sum with every loop body counted once, as ``cost_analysis()["bytes accessed"]`` does. For a CPU-compiled
+module the two agree up to what XLA adds for tuples (their index tables, 8 bytes per element, where this counts
+nothing); custom calls (XLA counts -1 each; here operands and output) and async wrappers (XLA also counts an
+``async-done``'s output) would differ too. libtpu's own cost analysis differs more: it sizes arrays by their tiled,
+padded TPU layouts and has its own rules (for the tiny model on v5e-4 with fsdp 4, whose small dims pad a lot, this
+flat figure is under half of XLA's).
 """
 
 from __future__ import annotations
@@ -199,8 +203,9 @@ class _HbmCost:
             total = 0
             for name in root.operands:
                 part = self.defs.get(name)
-                if part is not None:
-                    total += self._bytes(part.operands[1]) if part.opcode == "dynamic-update-slice" else part.bytes
+                if part is None or part.opcode == "parameter":  # passed through (libtpu's async collectives)
+                    continue
+                total += self._bytes(part.operands[1]) if part.opcode == "dynamic-update-slice" else part.bytes
         params = self._params(fused)
         for i in range(len(inst.operands)):
             if i in params:
@@ -235,8 +240,8 @@ class _HbmCost:
                 inner = self._params(nested).get(k) if nested else None
                 size += self._read(nested, inner) if inner is not None else param.bytes
                 continue
-            if user.name in seen:
-                continue
+            if user.name in seen or (user.opcode == "tuple" and user.root):
+                continue  # read once; or passed through to the output untouched
             seen.add(user.name)
             if user.opcode == "slice" or (user.opcode == "dynamic-slice" and k == 0):
                 size += user.bytes

@@ -6,9 +6,11 @@ For each row (slice x resolution x base dtype) it runs `flux-jax plan --config c
 --mesh configs/mesh/<slice>.yaml --topology <slice> --resolution PX model.base_dtype=DTYPE` in a child process
 and prints a markdown table of: the mesh and batch per chip (from the slice's mesh config), per-chip HBM of the run
 (one step, and validation's when the config has it on) against capacity, fits or not, the step's matmul FLOPs per
-chip (every scanned layer counted) and those FLOPs at the chip's peak FLOP/s (a floor for s/step: 100% MFU).
+chip (every scanned layer counted) and those FLOPs at the chip's peak FLOP/s (a floor for s/step: 100% MFU), the
+planner's time estimate (max(compute, HBM traffic) + exposed collectives, per chip) and the bytes a chip sends over
+ICI per step.
 Results are appended to --results as JSON lines and reused on the next run, so an interrupted table resumes
-(full-size compiles take minutes each); --fresh ignores them.
+(full-size compiles take minutes each); --fresh ignores them. Rows planned before the estimate existed show "-".
 Needs libtpu (the tpu extra); no TPU.
 """
 
@@ -73,9 +75,14 @@ def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _gb(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1e9:.2f}"
+
+
 def markdown(results: dict[str, dict]) -> str:
     head = ("| slice | px | base | mesh (data x fsdp x tensor) | batch / chip | HBM / chip (GiB) | fits | "
-            "TFLOP / chip / step | s/step at peak (floor) | compile (s) |")  # fmt: skip
+            "TFLOP / chip / step | s/step at peak (floor) | s/step estimate | ICI GB / chip / step | "
+            "compile (s) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in table_rows():
         r = results.get(key(row))
@@ -83,7 +90,7 @@ def markdown(results: dict[str, dict]) -> str:
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {slice_name} | {resolution} | {dtype} | | | | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {slice_name} | {resolution} | {dtype} | | | | error: {r['error'][:80]} | | | | | |")
             continue
         p = r["plan"]
         mesh = " x ".join(str(v) for v in p["mesh"].values())
@@ -93,7 +100,9 @@ def markdown(results: dict[str, dict]) -> str:
         used = f"{_gib(total)} / {_gib(p['capacity'])}" + (" (compiler)" if mem["from_compiler_error"] else "")
         fits = "yes" if p["fits"] else "**no**"
         tflop = "-" if p["flops"] is None else f"{p['flops'] / 1e12:.0f}"
-        times = f"{tflop} | {_s(p['seconds_at_peak'])} | {p['compile_seconds']:.0f}"
+        # Results from before the time estimate lack its fields.
+        estimate = f"{_s(p.get('estimate_seconds'))} | {_gb(p.get('ici_bytes'))}"
+        times = f"{tflop} | {_s(p['seconds_at_peak'])} | {estimate} | {p['compile_seconds']:.0f}"
         lines.append(f"| {slice_name} | {resolution} | {dtype} | {mesh} | {per_chip:g} | {used} | {fits} | {times} |")
     return "\n".join(lines)
 

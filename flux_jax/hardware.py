@@ -3,9 +3,9 @@
 The lowest layer of the package: plain data and pure functions, importing only the standard library and
 ``flux_jax.errors`` (no JAX), so the launcher, the planner and the trainer all read the same table.
 
-Every TPU fact (runtime image, HBM, TensorCores per chip, chips per VM, peak FLOP/s, the ``device_kind``
-strings JAX reports) lives in ``GENERATIONS`` and nowhere else; the mesh configs' header comments are checked
-against it by the tests.
+Every TPU fact (runtime image, HBM size and bandwidth, ICI bandwidth, TensorCores per chip, chips per VM, peak
+FLOP/s, the ``device_kind`` strings JAX reports) lives in ``GENERATIONS`` and nowhere else; the mesh configs'
+header comments are checked against it by the tests.
 """
 
 from __future__ import annotations
@@ -48,18 +48,35 @@ class Generation:
     """Dense bf16 peak FLOP/s of one chip (what MFU is measured against)."""
     device_kinds: tuple[str, ...]
     """Substrings of the ``device_kind`` that JAX reports for this generation's chips (see :func:`peak_flops`)."""
+    hbm_bandwidth: float
+    """HBM bytes/s of one chip."""
+    ici_bandwidth: float
+    """ICI bytes/s one chip sends over all its links at once (one direction): half the bidirectional per-chip
+    figure Google gives. A collective over one torus axis uses only that axis's links, so this is a floor for
+    the collective time, as peak FLOP/s is for compute."""
 
 
+# Bandwidths from the system architecture tables of cloud.google.com/tpu/docs/v4, /v5e, /v5p and /v6e: HBM
+# 1200, 819, 2765 and 1638 GB/s; bidirectional ICI per chip 400 (v5e), 1200 (v5p) and 800 (v6e) GB/s, halved here
+# (older revisions of those pages give the one-way figures: 1600 and 4800 Gbps). The v4 page gives no ICI
+# figure: its 6 links of 400 Gbps each way (glennklockwood.com/garden/processors/TPUv4, from the TPU v4 paper)
+# are 300 GB/s one way.
+# fmt: off
 GENERATIONS: Mapping[str, Generation] = {
     g.name: g
     for g in (
-        Generation("v4", "v4", "tpu-ubuntu2204-base", 32, 2, 3, 4, 4096, 275e12, ("TPU v4",)),
-        Generation("v5e", "v5litepod", "v2-alpha-tpuv5-lite", 16, 1, 2, 8, 256, 197e12, ("TPU v5 lite", "TPU v5e")),
+        Generation("v4", "v4", "tpu-ubuntu2204-base", 32, 2, 3, 4, 4096, 275e12, ("TPU v4",),
+                   hbm_bandwidth=1200e9, ici_bandwidth=300e9),
+        Generation("v5e", "v5litepod", "v2-alpha-tpuv5-lite", 16, 1, 2, 8, 256, 197e12, ("TPU v5 lite", "TPU v5e"),
+                   hbm_bandwidth=819e9, ici_bandwidth=200e9),
         # v5p devices report their kind as plain "TPU v5" (a substring of v5e's "TPU v5 lite").
-        Generation("v5p", "v5p", "v2-alpha-tpuv5", 95, 2, 3, 4, 4096, 459e12, ("TPU v5p", "TPU v5")),
-        Generation("v6e", "v6e", "v2-alpha-tpuv6e", 32, 1, 2, 8, 256, 918e12, ("TPU v6",)),
+        Generation("v5p", "v5p", "v2-alpha-tpuv5", 95, 2, 3, 4, 4096, 459e12, ("TPU v5p", "TPU v5"),
+                   hbm_bandwidth=2765e9, ici_bandwidth=600e9),
+        Generation("v6e", "v6e", "v2-alpha-tpuv6e", 32, 1, 2, 8, 256, 918e12, ("TPU v6",),
+                   hbm_bandwidth=1638e9, ici_bandwidth=400e9),
     )
 }
+# fmt: on
 CHIPS_PER_HOST_MULTI = 4
 
 

@@ -203,6 +203,14 @@ def test_plan_tiny_on_v5e_4_compiles_and_reports(capfd, tmp_path):
     assert useful <= plan["flops"] <= 1.5 * useful  # the rest: embedders, modulation, LoRA (remat is off)
     assert 0 < plan["xla_flops"] < plan["flops"]
     assert plan["seconds_at_peak"] == pytest.approx(plan["flops"] / 197e12)
+    # The time estimate: data parallel over the 4 chips all-reduces the LoRA gradients and gathers no weights.
+    ici = plan["collective_bytes"]
+    assert ici["all-reduce"] > 0 and ici["all-gather"] == ici["reduce-scatter"] == 0
+    assert plan["ici_seconds"] == pytest.approx(plan["ici_bytes"] / 200e9)
+    assert plan["hbm_seconds"] == pytest.approx(plan["hbm_traffic"] / 819e9)
+    compute, hbm = plan["seconds_at_peak"], plan["hbm_seconds"]
+    assert plan["estimate_seconds"] == pytest.approx(max(compute, hbm) + plan["ici_seconds"])
+    assert "time estimate per chip and step (an estimate, not a measurement; collectives assumed exposed)" in out
 
 
 @needs_libtpu

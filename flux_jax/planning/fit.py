@@ -18,6 +18,10 @@ target's compile-only devices, compiles it ahead of time for that TPU, and retur
   runs (``hlo_flops``). The step-time estimate is those FLOPs at the chip's peak FLOP/s: a floor (100% of peak;
   divide by the MFU you expect). XLA's own ``optimal_seconds`` is reported as is; for the full Flux step this
   libtpu returns a negative value (no estimate), and where it is positive it still counts each loop body once.
+- a time estimate per chip (``hlo_traffic``, from the same HLO, every loop iteration): the bytes the step moves to
+  and from HBM and sends over ICI in collectives, at the generation's bandwidths (``hardware.GENERATIONS``):
+  max(FLOPs / peak, HBM bytes / HBM bandwidth) + ICI bytes / ICI bandwidth, the collectives taken as not
+  overlapped with compute. An estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from flux_jax import hub
 from flux_jax.errors import FluxJaxError
 from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import PRESETS, FluxConfig
-from flux_jax.planning import hlo_flops
+from flux_jax.planning import hlo_flops, hlo_traffic
 from flux_jax.planning.topology import TpuTarget, devices, peak_flops
 from flux_jax.planning.validation import (
     ValidationMemory,
@@ -99,6 +103,32 @@ class Plan:
     """What validation during training adds (None when it is off or was not planned)."""
     remat_options: tuple[RematOption, ...] = ()
     """With ``model.remat: auto``: every policy compiled, with its per-chip memory (empty for a fixed policy)."""
+    hbm_traffic: float | None = None
+    """Estimated per-chip HBM bytes one step reads and writes, every loop iteration (``hlo_traffic``)."""
+    collective_bytes: dict[str, float] | None = None
+    """Per-chip bytes one step sends over ICI, by collective kind (ring costs, every loop iteration)."""
+
+    @property
+    def hbm_seconds(self) -> float | None:
+        """The HBM traffic at the chip's HBM bandwidth."""
+        return None if self.hbm_traffic is None else self.hbm_traffic / self.target.generation.hbm_bandwidth
+
+    @property
+    def ici_bytes(self) -> float | None:
+        return None if self.collective_bytes is None else sum(self.collective_bytes.values())
+
+    @property
+    def ici_seconds(self) -> float | None:
+        """The collective bytes at the chip's ICI bandwidth (one way, every link)."""
+        return None if self.ici_bytes is None else self.ici_bytes / self.target.generation.ici_bandwidth
+
+    @property
+    def estimate_seconds(self) -> float | None:
+        """max(compute, HBM) + ICI: compute and memory traffic overlap, collectives are taken as exposed."""
+        parts = (self.seconds_at_peak, self.hbm_seconds, self.ici_seconds)
+        if any(x is None for x in parts):
+            return None
+        return max(self.seconds_at_peak, self.hbm_seconds) + self.ici_seconds
 
     @property
     def total(self) -> int:
@@ -125,6 +155,8 @@ class Plan:
                          "hbm_gib": self.target.generation.hbm_gib}  # fmt: skip
         out["fits"] = self.fits
         out["total"] = self.total
+        for key in ("hbm_seconds", "ici_bytes", "ici_seconds", "estimate_seconds"):
+            out[key] = getattr(self, key)
         out["notes"] = list(self.notes)
         return out
 
@@ -212,9 +244,14 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
     xla_flops, optimal = cost.get("flops"), cost.get("optimal_seconds")
     if optimal is not None and optimal < 0:  # XLA's "no estimate" (negative for the Flux step)
         optimal = None
-    count = hlo_flops.count_flops(compiled.as_text())
+    text = compiled.as_text()
+    count = hlo_flops.count_flops(text)
     if count.unknown_loops:
         notes = (*notes, f"{count.unknown_loops} loop(s) with an unreadable trip count were counted once")
+    traffic = hlo_traffic.count_traffic(text)
+    if traffic.unknown_groups:
+        notes = (*notes, f"{traffic.unknown_groups} collective(s) with unreadable replica groups were counted as "
+                 "spanning every chip")  # fmt: skip
     sampler = None
     if validation is not None:
         log.info("compiling the validation sampler (%d images at %dx%d)", validation.images, validation.width,
@@ -225,11 +262,29 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
         notes = (*notes, *more)
     return Plan(memory=memory, flops=count.flops, xla_flops=xla_flops, xla_optimal_seconds=optimal,
                 seconds_at_peak=count.flops / peak if peak else None,
-                compile_seconds=seconds, notes=notes, validation=sampler, **common)  # fmt: skip
+                compile_seconds=seconds, notes=notes, validation=sampler, hbm_traffic=traffic.hbm_bytes,
+                collective_bytes=traffic.collective_bytes, **common)  # fmt: skip
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _estimate_lines(p: Plan) -> list[str]:
+    if p.estimate_seconds is None:
+        return []
+    g = p.target.generation
+    kinds = ", ".join(f"{kind} {n / 1e9:.4g} GB" for kind, n in (p.collective_bytes or {}).items() if n)
+    return [
+        "",
+        "time estimate per chip and step (an estimate, not a measurement; collectives assumed exposed)",
+        f"  compute      {p.seconds_at_peak:.3g} s (matmul FLOPs at peak)",
+        f"  HBM          {p.hbm_seconds:.3g} s ({p.hbm_traffic / 1e9:.4g} GB read and written at "
+        f"{g.hbm_bandwidth / 1e9:.0f} GB/s)",
+        f"  ICI          {p.ici_seconds:.3g} s ({p.ici_bytes / 1e9:.4g} GB sent at {g.ici_bandwidth / 1e9:.0f} GB/s)",
+        f"  estimate     {p.estimate_seconds:.3g} s = max(compute, HBM) + ICI",
+        f"  collectives  {kinds or 'none'}",
+    ]
 
 
 def format_report(p: Plan) -> str:
@@ -283,6 +338,7 @@ def format_report(p: Plan) -> str:
             peak = p.peak_flops / 1e12
             lines.append(f"  s/step at peak       {p.seconds_at_peak:.3g} s (the matmul FLOPs at {peak:.0f} TFLOP/s "
                          "per chip: a floor)")  # fmt: skip
+    lines += _estimate_lines(p)
     for note in p.notes:
         lines.append(f"note: {note}")
     lines.append("")

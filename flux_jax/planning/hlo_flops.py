@@ -11,6 +11,8 @@ reported in ``FlopCount.loops``.
 
 Only matmul FLOPs are counted (elementwise work is small next to them in a transformer); ``flat`` gives the
 same count with every loop body once, for a like-for-like check against ``cost_analysis()["flops"]``.
+
+``Module`` holds the parsed text and walks it with those multiplicities; ``hlo_traffic`` counts bytes with it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import dataclasses
 import functools
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?P<root>ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
 _ARRAY = re.compile(r"^(?P<dtype>\w+)\[(?P<dims>[\d,\s]*)\]")
+_LEAF = re.compile(r"\b(?P<dtype>[a-z]+\d*[a-z\d]*)\[(?P<dims>[\d,\s]*)\]")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _CALL_ATTRS = ("calls", "to_apply", "true_computation", "false_computation")
 _LIST_ATTRS = ("branch_computations", "called_computations")
@@ -41,7 +45,15 @@ class Instruction:
     """Everything after the operand list (attributes, metadata)."""
     root: bool = False
     literal: str = ""
-    """The text inside a ``constant(...)``."""
+    """The text inside a ``constant(...)`` or a ``parameter(...)`` (its number)."""
+    leaves: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(element type, dims) of every array in the result type, in order (one for an array, each element of a
+    tuple); tokens and other non-arrays are left out."""
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the result: every array leaf, unpadded (XLA's tiled layouts may pad on the device)."""
+        return sum(_array_bytes(dtype, dims) for dtype, dims in self.leaves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +75,27 @@ class FlopCount:
     @property
     def unknown_loops(self) -> int:
         return sum(not loop.known for loop in self.loops)
+
+
+# Bits per element of XLA's array types; "f8e4m3fn" and the other 8-bit floats are matched by their prefix.
+_BITS = {"pred": 8, "s2": 2, "u2": 2, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "f8": 8, "f4": 4, "s16": 16, "u16": 16,
+         "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64,
+         "c128": 128}  # fmt: skip
+
+
+def _element_bits(dtype: str) -> int | None:
+    if dtype in _BITS:
+        return _BITS[dtype]
+    return 8 if dtype.startswith("f8") else 4 if dtype.startswith("f4") else None  # f8e4m3fn, f4e2m1fn, ...
+
+
+def _array_bytes(dtype: str, dims: tuple[int, ...]) -> int:
+    return math.prod(dims) * (_element_bits(dtype) or 0) // 8
+
+
+def _leaves(type_text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((m["dtype"], tuple(int(d) for d in m["dims"].split(",") if d.strip()))
+                 for m in _LEAF.finditer(type_text) if _element_bits(m["dtype"]) is not None)  # fmt: skip
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -88,8 +121,9 @@ def _parse_instruction(line: str) -> Instruction | None:
     array = _ARRAY.match(type_text)
     shape = tuple(int(d) for d in array["dims"].split(",") if d.strip()) if array else None
     opcode, paren, after = rest.partition("(")
+    leaves = _leaves(type_text)
     if not paren:
-        return Instruction(m["name"], shape, opcode.strip(), (), "", bool(m["root"]))
+        return Instruction(m["name"], shape, opcode.strip(), (), "", bool(m["root"]), leaves=leaves)
     depth, end = 1, len(after)
     for i, ch in enumerate(after):
         depth += ch == "("
@@ -100,7 +134,7 @@ def _parse_instruction(line: str) -> Instruction | None:
     opcode = opcode.strip()
     inside = after[:end]
     return Instruction(m["name"], shape, opcode, tuple(_OPERAND.findall(inside)), after[end + 1 :], bool(m["root"]),
-                       inside if opcode == "constant" else "")  # fmt: skip
+                       inside if opcode in ("constant", "parameter") else "", leaves)  # fmt: skip
 
 
 def parse_module(text: str) -> dict[str, list[Instruction]]:
@@ -231,25 +265,36 @@ def _through_copies(name: str, defs: dict[str, Instruction]) -> Instruction | No
     return inst
 
 
-def count_flops(text: str) -> FlopCount:
-    """Loop-aware matmul FLOPs of the HLO module ``text`` (see the module docstring)."""
-    comps = parse_module(text)
-    if "ENTRY" not in comps:
-        raise ValueError("no ENTRY computation in the HLO text")
-    defs = {inst.name: inst for insts in comps.values() for inst in insts}
-    shapes = {name: inst.shape for name, inst in defs.items()}
-    consts = {
-        name: int(inst.literal)
-        for name, inst in defs.items()
-        if inst.opcode == "constant" and inst.shape == () and re.fullmatch(r"-?\d+", inst.literal)
-    }
-    loops: list[LoopInfo] = []
+class Module:
+    """A parsed HLO module and how often each of its computations runs; ``hlo_traffic`` walks it the same way."""
 
-    def trip_count(inst: Instruction, cond: str) -> tuple[int, bool]:
+    def __init__(self, text: str):
+        self.comps = parse_module(text)
+        if "ENTRY" not in self.comps:
+            raise ValueError("no ENTRY computation in the HLO text")
+        self.defs = {inst.name: inst for insts in self.comps.values() for inst in insts}
+        self.shapes = {name: inst.shape for name, inst in self.defs.items()}
+        self.consts = {
+            name: int(inst.literal)
+            for name, inst in self.defs.items()
+            if inst.opcode == "constant" and inst.shape == () and re.fullmatch(r"-?\d+", inst.literal)
+        }
+        header = re.search(r"^HloModule\s.*?\bnum_partitions=(\d+)", text, re.MULTILINE)
+        self.num_partitions = int(header.group(1)) if header else 1
+        replicas = re.search(r"^HloModule\s.*?\breplica_count=(\d+)", text, re.MULTILINE)
+        self.replica_count = int(replicas.group(1)) if replicas else 1
+
+    def root(self, comp: str) -> Instruction | None:
+        return _root(self.comps.get(comp, []))
+
+    def trip_count(self, inst: Instruction) -> tuple[int, bool]:
+        """How often the ``while`` ``inst`` runs its body, and whether that could be read (else 1)."""
+        defs, consts = self.defs, self.consts
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
         if known:
             return int(known.group(1)), True
-        root = _root(comps.get(cond, []))
+        cond = (_attr(inst.attrs, "condition") or "").lstrip("%")
+        root = _root(self.comps.get(cond, []))
         if root is None or root.opcode != "compare" or len(root.operands) != 2:
             return 1, False
         direction = _attr(root.attrs, "direction")
@@ -264,16 +309,17 @@ def count_flops(text: str) -> FlopCount:
         if limit is None or index is None or init_tuple is None or init_tuple.opcode != "tuple":
             return 1, False
         start = _resolve_constant(init_tuple.operands[int(index)], defs, consts)
-        step = loop_step(_attr(inst.attrs, "body"), int(index))
+        step = self._loop_step(_attr(inst.attrs, "body"), int(index))
         if start is None or step is None or step <= 0:
             return 1, False
         # XLA unrolls some loops (collective matmuls) and then steps the counter by more than 1.
         trips = -(-(limit - start + (direction == "LE")) // step)
         return max(trips, 0), True
 
-    def loop_step(body: str | None, index: int) -> int | None:
+    def _loop_step(self, body: str | None, index: int) -> int | None:
         """The constant the body adds to tuple element ``index`` (the loop counter) each iteration."""
-        root = _root(comps.get((body or "").lstrip("%"), []))
+        defs = self.defs
+        root = _root(self.comps.get((body or "").lstrip("%"), []))
         if root is None or root.opcode != "tuple" or index >= len(root.operands):
             return None
         update = defs.get(root.operands[index])
@@ -282,38 +328,59 @@ def count_flops(text: str) -> FlopCount:
         for counter, other in (update.operands, update.operands[::-1]):
             c = _through_copies(counter, defs)
             if c is not None and c.opcode == "get-tuple-element" and _attr(c.attrs, "index") == str(index):
-                return _resolve_constant(other, defs, consts)
+                return _resolve_constant(other, defs, self.consts)
         return None
 
-    @functools.cache
-    def flops_of(comp: str, flat: bool) -> float:
-        total = 0.0
-        for inst in comps.get(comp, []):
-            if inst.opcode in ("dot", "convolution"):
-                total += _dot_flops(inst, shapes)
-            if inst.opcode.endswith("-done"):  # an async pair's work belongs to its "-start"
-                continue
-            if inst.opcode == "while":
-                body, cond = _attr(inst.attrs, "body"), _attr(inst.attrs, "condition")
-                body, cond = (body or "").lstrip("%"), (cond or "").lstrip("%")
-                trips, known = (1, True) if flat else trip_count(inst, cond)
-                if not flat:
-                    loops.append(LoopInfo(body, trips, known))
-                total += trips * flops_of(body, flat) + flops_of(cond, flat)
-                continue
-            for key in _CALL_ATTRS:
-                callee = _attr(inst.attrs, key)
-                if callee:
-                    total += flops_of(callee.lstrip("%"), flat)
-            for key in _LIST_ATTRS:
-                callees = _attr(inst.attrs, key)
-                if callees:
-                    names = [c.strip().lstrip("%") for c in callees.strip("{}").split(",") if c.strip()]
-                    # A conditional runs one branch: count the most expensive.
-                    parts = [flops_of(c, flat) for c in names]
-                    total += max(parts) if key == "branch_computations" else sum(parts)
-        return total
+    def total(self, cost: Callable[[Instruction, str], float], *, flat: bool,
+              descend: Callable[[Instruction], bool] = lambda inst: True,
+              loops: list[LoopInfo] | None = None) -> float:  # fmt: skip
+        """Sum of ``cost(instruction, computation)`` over one run of the module: the entry computation, a
+        ``while`` body times its trip count (once when ``flat``) and its condition once, the most expensive
+        branch of a conditional, and every other computation an instruction calls (fusions, calls, async
+        wrappers, reducers) once per call where ``descend(instruction)``. The loops met are appended to
+        ``loops``."""
 
-    flops = flops_of("ENTRY", False)
-    flat = flops_of("ENTRY", True)
+        @functools.cache
+        def of(comp: str) -> float:
+            total = 0.0
+            for inst in self.comps.get(comp, []):
+                total += cost(inst, comp)
+                if inst.opcode.endswith("-done"):  # an async pair's work belongs to its "-start"
+                    continue
+                if inst.opcode == "while":
+                    body, cond = _attr(inst.attrs, "body"), _attr(inst.attrs, "condition")
+                    body, cond = (body or "").lstrip("%"), (cond or "").lstrip("%")
+                    trips, known = (1, True) if flat else self.trip_count(inst)
+                    if loops is not None and not flat:
+                        loops.append(LoopInfo(body, trips, known))
+                    total += trips * of(body) + of(cond)
+                    continue
+                if not descend(inst):
+                    continue
+                for key in _CALL_ATTRS:
+                    callee = _attr(inst.attrs, key)
+                    if callee:
+                        total += of(callee.lstrip("%"))
+                for key in _LIST_ATTRS:
+                    callees = _attr(inst.attrs, key)
+                    if callees:
+                        names = [c.strip().lstrip("%") for c in callees.strip("{}").split(",") if c.strip()]
+                        # A conditional runs one branch: count the most expensive.
+                        parts = [of(c) for c in names]
+                        total += max(parts) if key == "branch_computations" else sum(parts)
+            return total
+
+        return of("ENTRY")
+
+
+def count_flops(text: str) -> FlopCount:
+    """Loop-aware matmul FLOPs of the HLO module ``text`` (see the module docstring)."""
+    module = Module(text)
+    loops: list[LoopInfo] = []
+
+    def dots(inst: Instruction, comp: str) -> float:
+        return _dot_flops(inst, module.shapes) if inst.opcode in ("dot", "convolution") else 0.0
+
+    flops = module.total(dots, flat=False, loops=loops)
+    flat = module.total(dots, flat=True)
     return FlopCount(flops=flops, flat_flops=flat, loops=tuple(loops))

@@ -9,7 +9,7 @@ its rules and mesh sizes with the functions here, so parsing a config never impo
 Parameter names: ``layers`` (stacked block axis, never sharded), ``embed`` (hidden width), ``qkv``
 (fused q/k/v output), ``mlp`` (MLP width; fused single-block linear1 output / linear2 input), ``mod``
 (modulation outputs), ``heads``, ``head_dim``, ``in_feat`` (small embedder input dims), ``lora_rank``,
-``lora_feature``.
+``lora_feature`` (the extra split of a LoRA feature dim, below).
 Activation names: ``act_batch``, ``act_seq``, ``act_embed``, ``act_heads``, ``act_mlp``.
 
 A dim may also carry a tuple of names (a *composite* dim): its mesh axes are those of each name in turn, so

@@ -1,8 +1,9 @@
 """LoRA params, their optimizer state and EMA are split over fsdp (rule ``lora_feature``), on 8 fake CPU devices.
 
-Per-chip bytes of a real initialised TrainState of the tiny run drop to about 1/fsdp of the replicated state, the
-train steps compute the same LoRA as with everything replicated, and a checkpoint written with the old layout
-(adapters whole on their tensor-/un-sharded side) restores into the new shardings.
+Per-chip bytes of a real initialised TrainState of the tiny run drop to about 1/fsdp of the replicated state (and the
+planner counts the same from shapes); train steps (a toy with the trainer's step) compute the same state as with
+everything replicated; a checkpoint written with the old layout (adapters whole on their tensor-/un-sharded side,
+optimizer state replicated) restores into the new shardings; every optimizer's params-shaped state follows its param.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from flux_jax.train.abstract import abstract_step
 from flux_jax.train.checkpointing import Checkpointer
 from flux_jax.train.objective import Objective
 from flux_jax.train.optim import build_optimizer
-from flux_jax.train.state import abstract_like, flat_params, init_train_state, split_trainable, state_bytes
+from flux_jax.train.state import (
+    abstract_like,
+    flat_params,
+    init_train_state,
+    split_trainable,
+    state_bytes,
+    state_shardings_for,
+)
 from flux_jax.train.step import StepCompiler
 from tests.helpers.compile_cache import persistent_compile_cache
 
@@ -233,3 +241,25 @@ def test_checkpoint_of_the_old_layout_restores_into_the_new(tmp_path):
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(new.compiler.state_shardings), strict=True):
         assert got.sharding == want
     assert math.isclose(state_bytes(state).per_chip, state_bytes(new.state).per_chip)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_every_params_shaped_optimizer_leaf_takes_its_params_sharding(name, grad_accum):
+    # From shapes only (the planner's case): moments, momentum, Adafactor's unfactored second moment and
+    # MultiSteps' accumulator are split like their param; counters and factored statistics are replicated.
+    mesh = make_mesh(1, 8, 1)
+    lora = {
+        "a": jax.ShapeDtypeStruct((3, 256, 16), np.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "fsdp"))),
+        "b": jax.ShapeDtypeStruct(
+            (3, 16, 512), np.float32, sharding=NamedSharding(mesh, PartitionSpec(None, None, "fsdp"))
+        ),
+    }
+    tx = build_optimizer(dataclasses.replace(CFG.optim, name=name), 10, grad_accum=grad_accum)
+    shardings = state_shardings_for(tx, lora, mesh, ema=False).opt_state
+    shapes = jax.eval_shape(tx.init, lora)
+    by_shape = {tuple(v.shape): v.sharding for v in lora.values()}
+    pairs = list(zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True))
+    assert sum(tuple(x.shape) in by_shape for x, _ in pairs) >= 2  # at least one params-shaped tree
+    for x, sharding in pairs:
+        assert sharding == by_shape.get(tuple(x.shape), NamedSharding(mesh, PartitionSpec())), (name, x.shape)

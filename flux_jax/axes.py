@@ -8,8 +8,14 @@ its rules and mesh sizes with the functions here, so parsing a config never impo
 
 Parameter names: ``layers`` (stacked block axis, never sharded), ``embed`` (hidden width), ``qkv``
 (fused q/k/v output), ``mlp`` (MLP width; fused single-block linear1 output / linear2 input), ``mod``
-(modulation outputs), ``heads``, ``head_dim``, ``in_feat`` (small embedder input dims), ``lora_rank``.
+(modulation outputs), ``heads``, ``head_dim``, ``in_feat`` (small embedder input dims), ``lora_rank``,
+``lora_feature`` (the extra split of a LoRA feature dim, below).
 Activation names: ``act_batch``, ``act_seq``, ``act_embed``, ``act_heads``, ``act_mlp``.
+
+A dim may also carry a tuple of names (a *composite* dim): its mesh axes are those of each name in turn, so
+``("qkv", "lora_feature")`` under the default rules is split over ``("tensor", "fsdp")``. LoRA adapters label
+their feature dims this way (A ``[layers?, in, r]``: ``(layers, (<kernel's in axis>, "lora_feature"),
+"lora_rank")``; B likewise on its out dim), so an adapter follows its kernel's layout and is split over fsdp too.
 """
 
 from __future__ import annotations
@@ -23,11 +29,18 @@ MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
+LogicalDim = str | tuple[str, ...] | None
+"""One dim's logical name, a tuple of names (composite: their mesh axes in turn), or None (replicated)."""
 
-# Logical name -> mesh axis. Names missing here (layers, head_dim, in_feat, lora_rank, act_seq,
+# Logical name -> mesh axis. Names mapped to None (layers, head_dim, in_feat, lora_rank, act_seq,
 # act_embed) are replicated. Sharding "embed" over fsdp is what spreads the 12B base across chips;
 # the tensor axis takes the wide output dims so q/k/v, MLP and modulation matmuls split without a
-# gather of the weight.
+# gather of the weight. "lora_feature" is added after the kernel's own axes on an adapter's feature
+# dim: the LoRA params and their optimizer state (ZeRO-style) are split over fsdp on whichever side of
+# the adapter faces a tensor-sharded or replicated kernel axis too, instead of being replicated there.
+# After the kernel's axes, not before: B of qkv is [r, qkv] over ("tensor", "fsdp"), so gathering it
+# over fsdp yields exactly the tensor block of columns the qkv kernel (and its output) holds on a chip.
+# Mapping it to None restores fully kernel-following (partly replicated) adapters.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),
     ("embed", "fsdp"),
@@ -38,6 +51,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("head_dim", None),
     ("in_feat", None),
     ("lora_rank", None),
+    ("lora_feature", "fsdp"),
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
     ("act_embed", None),
@@ -93,6 +107,15 @@ def validate_rules(rules: Rules, mesh_axes: Sequence[str] = MESH_AXES) -> None:
         for axis in mesh_axes_of(target):
             if axis not in mesh_axes:
                 raise ShardingError(f"rule {name!r} -> {target!r} names unknown mesh axis {axis!r}")
+
+
+def dim_names(dim: LogicalDim) -> tuple[str, ...]:
+    """The logical names of one dim (a composite dim has several, None has none)."""
+    if dim is None:
+        return ()
+    if isinstance(dim, str):
+        return (dim,)
+    return tuple(dim)
 
 
 def mesh_axes_of(target: MeshAxes) -> tuple[str, ...]:

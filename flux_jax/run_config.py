@@ -274,7 +274,8 @@ class MeshConfig:
     """Devices the base weights are sharded over (and the batch too)."""
     tensor: int = 1
     rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_RULES
-    """Logical axis -> mesh axis table; replaces the default table as a whole when set."""
+    """Logical axis -> mesh axis table; replaces the default table as a whole when set (a table without
+    ``lora_feature`` leaves the LoRA adapters whole on the side of their kernel's unsplit axis)."""
 
     def __post_init__(self) -> None:
         for name in MESH_AXES:

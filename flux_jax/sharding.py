@@ -23,9 +23,11 @@ from flux_jax.axes import (
     DEFAULT_RULES,
     LOGICAL_AXES,
     MESH_AXES,
+    LogicalDim,
     MeshAxes,
     Rules,
     ShardingError,
+    dim_names,
     mesh_axes_of,
     resolve_mesh_shape,
     validate_rules,
@@ -82,34 +84,37 @@ def replicate(host: np.ndarray, mesh: Mesh) -> jax.Array:
 # Logical axes -> PartitionSpec
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh: Mesh) -> PartitionSpec:
+def logical_to_spec(axes: Sequence[LogicalDim], shape: Sequence[int], rules: Rules, mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec for an array of ``shape`` whose dims carry the logical names ``axes``.
 
     Names without a rule (and ``None``) are replicated; names that are neither in ``rules`` nor in
-    the ``LOGICAL_AXES`` vocabulary are an error. Dims are resolved left to right, and for a
+    the ``LOGICAL_AXES`` vocabulary are an error. A composite dim (a tuple of names) takes the mesh
+    axes of each of its names in turn. Dims are resolved left to right, and for a
     dim the mapped mesh axes are kept while the running product of their sizes still divides the dim
-    size; an axis already used by an earlier dim is skipped, since a spec may use each mesh axis once.
-    So a dim of 3072 under fsdp=8 shards, and a batch of 2 under (data=2, fsdp=4) shards over data only
-    instead of failing to compile.
+    size; an axis already used by an earlier dim (or earlier in the same dim) is skipped, since a spec
+    may use each mesh axis once. So a dim of 3072 under fsdp=8 shards, and a batch of 2 under (data=2,
+    fsdp=4) shards over data only instead of failing to compile.
     """
     if len(axes) != len(shape):
         raise ShardingError(f"logical axes {tuple(axes)} do not match the rank of shape {tuple(shape)}")
     table = dict(rules)
-    unknown = [name for name in axes if name is not None and name not in table and name not in LOGICAL_AXES]
+    names = [name for dim in axes for name in dim_names(dim)]
+    unknown = [name for name in names if name not in table and name not in LOGICAL_AXES]
     if unknown:
         raise ShardingError(f"unknown logical axis name(s) {unknown} in {tuple(axes)}")
     used: set[str] = set()
     spec: list[MeshAxes] = []
-    for name, size in zip(axes, shape, strict=True):
+    for dim, size in zip(axes, shape, strict=True):
         kept: list[str] = []
         span = 1
-        for axis in mesh_axes_of(table.get(name)) if name is not None else ():
-            if axis not in mesh.shape:
-                raise ShardingError(f"logical axis {name!r} maps to {axis!r}, which the mesh does not have")
-            if axis in used or size % (span * mesh.shape[axis]):
-                continue
-            kept.append(axis)
-            span *= mesh.shape[axis]
+        for name in dim_names(dim):
+            for axis in mesh_axes_of(table.get(name)):
+                if axis not in mesh.shape:
+                    raise ShardingError(f"logical axis {name!r} maps to {axis!r}, which the mesh does not have")
+                if axis in used or axis in kept or size % (span * mesh.shape[axis]):
+                    continue
+                kept.append(axis)
+                span *= mesh.shape[axis]
         used.update(kept)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     # Trailing Nones are dropped so specs compare equal to the hand-written short form.
@@ -118,7 +123,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rul
     return PartitionSpec(*spec)
 
 
-def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+def logical_axes_of(variable: nnx.Variable) -> tuple[LogicalDim, ...] | None:
     """A variable's logical axes, or None when it has none (then it is replicated)."""
     axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
     return None if axes is None else tuple(axes)

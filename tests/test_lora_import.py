@@ -120,6 +120,11 @@ def test_apply_places_adapters_on_the_mesh(setup, tmp_path):
     a = model.double_blocks.img_attn.qkv.lora.lora_a[...]
     want = NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", None))  # [layers, embed, lora_rank]
     assert a.sharding.is_equivalent_to(want, a.ndim)
+    # B's out dim follows the qkv kernel's (tensor), then fsdp: no chip holds a whole adapter.
+    b = model.double_blocks.img_attn.qkv.lora.lora_b[...]
+    assert b.sharding.is_equivalent_to(
+        NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, ("tensor", "fsdp"))), b.ndim
+    )
     back = lora_weights_from_model(model)  # gathered from the 8 devices
     assert all(back[k].same_as(w) for k, w in setup["weights"].items())
 

@@ -28,6 +28,7 @@ from flux_jax.planning.validation import ValidationMemory, ValidationSpec, valid
 from flux_jax.run_config import from_dict, parse_override
 from flux_jax.train.memory import parse_oom
 from flux_jax.train.metrics import useful_flops_per_sample
+from flux_jax.train.state import StateBytes
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (tpu extra) not installed")
 
@@ -211,6 +212,7 @@ def test_plan_tiny_on_v5e_4_compiles_and_reports(capfd, tmp_path):
     compute, hbm = plan["seconds_at_peak"], plan["hbm_seconds"]
     assert plan["estimate_seconds"] == pytest.approx(max(compute, hbm) + plan["ici_seconds"])
     assert "time estimate per chip and step (an estimate, not a measurement; collectives assumed exposed)" in out
+    assert plan["train_state"]["per_chip"] == plan["train_state"]["replicated"] > 0  # fsdp 1: nothing to split
 
 
 @needs_libtpu
@@ -237,6 +239,15 @@ def test_hbm_override_decides_the_verdict():
     small = dataclasses.replace(plan, capacity=int(7.5 * 2**30))
     assert not small.fits and "does not fit: 8.00 GiB of 7.50 GiB per chip" in format_report(small)
     assert json.loads(json.dumps(small.to_dict()))["fits"] is False
+    # The LoRA state line and its JSON (the numbers: LoRA rank 16 all_blocks, AdamW and EMA on Flux.1-dev, fsdp 8).
+    split = dataclasses.replace(plan, train_state=StateBytes(per_chip=153_157_652, replicated=1_225_261_076))
+    assert ("  LoRA state   146.1 MiB (LoRA + optimizer state + EMA, in the arguments; 1168.5 MiB if replicated)"
+            in format_report(split).splitlines())  # fmt: skip
+    assert json.loads(json.dumps(split.to_dict()))["train_state"] == {
+        "per_chip": 153_157_652,
+        "replicated": 1_225_261_076,
+    }
+    assert "LoRA state" not in format_report(plan)  # a Plan built without the count
 
 
 # --------------------------------------------------------------------------------------------------

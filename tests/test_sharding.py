@@ -108,6 +108,21 @@ def test_logical_to_spec_indivisible_dims(mesh_2x4: jax.sharding.Mesh, mesh_222:
     assert logical_to_spec(("embed", "qkv"), (64, 3), DEFAULT_RULES, mesh_222) == P("fsdp")
 
 
+def test_logical_to_spec_composite_dims(mesh_222: jax.sharding.Mesh, mesh_2x4: jax.sharding.Mesh) -> None:
+    # A LoRA feature dim: its kernel's axes, then lora_feature's (fsdp), each mesh axis at most once.
+    spec = lambda axes, shape, mesh=mesh_222: logical_to_spec(axes, shape, DEFAULT_RULES, mesh)
+    assert spec(("layers", "lora_rank", ("qkv", "lora_feature")), (2, 4, 96)) == P(None, None, ("tensor", "fsdp"))
+    assert spec(("layers", ("embed", "lora_feature"), "lora_rank"), (2, 64, 4)) == P(None, "fsdp")
+    assert spec((("in_feat", "lora_feature"), "lora_rank"), (64, 4)) == P("fsdp")
+    assert spec((("in_feat", "lora_feature"), "lora_rank"), (6, 4), mesh_2x4) == P()  # 6 rows: fsdp=4 left out
+    assert spec(("lora_rank", ("mlp", "lora_feature")), (4, 6), mesh_2x4) == P(None, "tensor")
+    # mesh.rules can send lora_feature elsewhere (None: adapters follow their kernel alone, as before).
+    kernel_only = tuple((name, None if name == "lora_feature" else target) for name, target in DEFAULT_RULES)
+    assert logical_to_spec(("lora_rank", ("qkv", "lora_feature")), (4, 96), kernel_only, mesh_222) == P(None, "tensor")
+    with pytest.raises(ShardingError, match="unknown logical axis"):
+        spec((("qkv", "lora_feture"), "lora_rank"), (96, 4))
+
+
 def test_logical_to_spec_errors(mesh_222: jax.sharding.Mesh) -> None:
     with pytest.raises(ShardingError, match="rank"):
         logical_to_spec(("embed",), (4, 4), DEFAULT_RULES, mesh_222)

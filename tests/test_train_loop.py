@@ -110,6 +110,8 @@ def test_data2_fsdp4_matches_single_device(tmp_path, single_device_run):
     graphdef_kernel = trainer.frozen["double_blocks"]["img_attn"]["qkv"]["kernel"]
     assert graphdef_kernel.get_value().sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert state.lora["double_blocks.img_attn.qkv.lora.lora_a"].sharding.spec == PartitionSpec(None, "fsdp")
+    qkv_b = PartitionSpec(None, None, ("tensor", "fsdp"))  # the side facing the tensor axis is split over fsdp too
+    assert state.lora["double_blocks.img_attn.qkv.lora.lora_b"].sharding.spec == qkv_b
     sharded = trainer.run(state)
     assert sharded.last_loss == pytest.approx(single.last_loss, abs=1e-5)
     want, got = host_lora(single.state), host_lora(sharded.state)

@@ -53,6 +53,10 @@ class LoRA(nnx.Module):
     """delta(x) = scale * (x @ A) @ B with scale = alpha / rank; A [in, r] random, B [r, out] zero at init.
 
     (A is PyTorch's `lora_down.weight` transposed, B is `lora_up.weight` transposed.)
+
+    in_axis / out_axis: the adapted kernel's logical axes. A's in dim and B's out dim are labelled
+    ``(kernel axis, "lora_feature")``, so both follow the kernel's layout and are also split over fsdp (the rule
+    table in `flux_jax.axes`); the rank dim is never split.
     """
 
     def __init__(
@@ -74,14 +78,16 @@ class LoRA(nnx.Module):
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         lead = (stack,) if stack else ()
         lead_axes = ("layers",) if stack else ()
+        # Each feature dim follows its kernel's axis and then "lora_feature" (fsdp by default): see flux_jax.axes.
+        in_dim, out_dim = _feature_dim(in_axis), _feature_dim(out_axis)
         # kohya / PEFT init: kaiming-uniform(a=sqrt(5)) on A = U(+-1/sqrt(in)); B = 0, so training starts at the base.
         bound = 1.0 / math.sqrt(in_features)
         self.lora_a = nnx.LoRAParam(
             jax.random.uniform(rngs.params(), (*lead, in_features, rank), param_dtype, -bound, bound),
-            logical_axes=(*lead_axes, in_axis, "lora_rank"),
+            logical_axes=(*lead_axes, in_dim, "lora_rank"),
         )
         self.lora_b = nnx.LoRAParam(
-            jnp.zeros((*lead, rank, out_features), param_dtype), logical_axes=(*lead_axes, "lora_rank", out_axis)
+            jnp.zeros((*lead, rank, out_features), param_dtype), logical_axes=(*lead_axes, "lora_rank", out_dim)
         )
         self.mask = LoRAMask(jnp.ones(lead, jnp.float32), logical_axes=lead_axes) if stack else None
         self.rank = rank
@@ -108,6 +114,11 @@ class LoRA(nnx.Module):
                        preferred_element_type=jnp.float32)  # fmt: skip
         scale = self.scale if self.mask is None else self.scale * self.mask[...]
         return y * scale
+
+
+def _feature_dim(kernel_axis: str | None) -> tuple[str, ...]:
+    """An adapter feature dim's composite logical name: its kernel's axis, then ``lora_feature``."""
+    return ("lora_feature",) if kernel_axis is None else (kernel_axis, "lora_feature")
 
 
 def linear_modules(model: nnx.Module) -> Iterable[tuple[str, Linear]]:

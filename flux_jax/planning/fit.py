@@ -47,6 +47,7 @@ from flux_jax.planning.validation import (
 )
 from flux_jax.run_config import RunConfig
 from flux_jax.train.memory import AUTO, NoRematFits, RematOption, RematSearch, memory_summary, parse_oom
+from flux_jax.train.state import StateBytes, state_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class Plan:
     """Estimated per-chip HBM bytes one step reads and writes, every loop iteration (``hlo_traffic``)."""
     collective_bytes: dict[str, float] | None = None
     """Per-chip bytes one step sends over ICI, by collective kind (ring costs, every loop iteration)."""
+    train_state: StateBytes | None = None
+    """The TrainState (LoRA params, optimizer state, EMA) per chip under its shardings, and were it replicated."""
 
     @property
     def hbm_seconds(self) -> float | None:
@@ -207,7 +210,7 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
     common = dict(target=target, model=model_name, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
                   grad_accum=cfg.train.grad_accum, resolution=cfg.data.resolution, text_len=text_len,
                   base_dtype=cfg.model.base_dtype, attention=cfg.model.attention,
-                  capacity=capacity, peak_flops=peak)  # fmt: skip
+                  capacity=capacity, peak_flops=peak, train_state=state_bytes(step.state))  # fmt: skip
     log.info("compiling the train step for %s (%s, mesh %s, batch %d at %d px); this can take minutes",
              target.name, target.topology, dict(mesh.shape), cfg.train.batch_size, cfg.data.resolution)  # fmt: skip
     start = time.perf_counter()
@@ -319,6 +322,9 @@ def format_report(p: Plan) -> str:
         lines.append(f"  with validation  {_gib(p.total)} (step arguments {_gib(m.argument)} + validation's "
                      f"{_gib(v.resident)} + the larger of the step's {_gib(m.total - m.argument)} and the "
                      f"sampler's {_gib(v.peak)})")  # fmt: skip
+    if (ts := p.train_state) is not None:
+        lines.append(f"  LoRA state   {ts.per_chip / 2**20:.1f} MiB (LoRA + optimizer state + EMA, in the arguments; "
+                     f"{ts.replicated / 2**20:.1f} MiB if replicated)")  # fmt: skip
     lines.append(f"  capacity     {_gib(p.capacity)}")
     if p.remat_options:
         lines += ["", "remat auto (the first policy that fits is used)"]

@@ -88,10 +88,10 @@ def abstract_step(
     ``model_config`` is the base's architecture (a loaded base's config comes from its checkpoint, which the
     planner need not have): the base is built as a random base of that shape, which has the same parameter
     dtypes and shardings as a loaded one (both store through ``dtypes.storage_dtype``). ``remat``: how
-    ``model.remat: auto`` is searched (ignored for a fixed policy; required for auto).
+    ``model.remat: auto`` is searched (ignored for a fixed policy; by default with no capacity limit).
     """
     if cfg.model.remat == AUTO and remat is None:
-        raise ValueError("model.remat is auto: pass how to search it (remat=RematSearch(...))")
+        remat = RematSearch(capacity=None)  # no capacity given: the first candidate ("none") fits
     rules = cfg.mesh.rules
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     seed = cfg.train.seed

@@ -4,18 +4,26 @@
 the optimizer state over exactly those params, an optional EMA copy, the update count and the run's base PRNG
 key. Everything has an explicit sharding on the mesh, so the jitted step can be compiled with matching
 in/out shardings and donate the state. ``state_shardings_for`` is the one place those shardings are decided: the
-trainer places a fresh state with it and ``flux-jax plan`` compiles against it.
+trainer places a fresh state with it and ``flux-jax plan`` compiles against it. The LoRA params' own shardings come
+from their logical axes (``flux_jax.model.lora``, rule ``lora_feature``): split over fsdp along their feature dim, so
+the params, the moments and the EMA each take about 1/fsdp of their size per chip (``state_bytes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 
 @struct.dataclass
@@ -58,20 +66,71 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def state_shardings_for(tx: optax.GradientTransformation, lora: dict[str, Any], mesh: Mesh, *, ema: bool) -> TrainState:
     """The shardings of a run's TrainState (a TrainState of NamedShardings), from the LoRA params' own shardings.
 
-    ``lora`` holds arrays or ShapeDtypeStructs that carry shardings. The optimizer state takes whatever shardings
-    the compiler gives ``tx.init``'s outputs for them (moments follow their params); leaves it does not place on
-    the mesh (scalar counters) are pinned replicated. Compiling ``tx.init`` decides this without running it, so
-    the trainer and the planner (which has only shapes) get the same answer.
+    ``lora`` holds arrays or ShapeDtypeStructs that carry shardings. Every params-shaped tree in the optimizer
+    state (Adam's moments, Lion's momentum, Adafactor's unfactored second moment, MultiSteps' accumulator) takes its
+    param's sharding, found with ``optax.tree_map_params``; everything else (scalar counters, factored statistics)
+    is replicated. Left to the compiler, ``tx.init``'s zeros would come out replicated on every chip. Only shapes
+    are needed, so the trainer and the planner get the same answer.
     """
-    compiled = jax.jit(tx.init).lower(lora).compile()
     repl = replicated(mesh)
 
     def on_mesh(s: Any) -> NamedSharding:
         return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
 
+    def like_param(leaf: Any, param: Any) -> NamedSharding:
+        return on_mesh(param.sharding) if tuple(leaf.shape) == tuple(param.shape) else repl
+
     lora_sh = {k: v.sharding for k, v in lora.items()}
-    opt_sh = jax.tree.map(on_mesh, compiled.output_shardings)
+    _note_unsplit(lora_sh, lora, mesh)
+    abstract_opt = jax.eval_shape(tx.init, lora)
+    opt_sh = optax.tree_map_params(tx, like_param, abstract_opt, lora, transform_non_params=lambda _: repl)
     return TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
+
+
+def _note_unsplit(shardings: dict[str, Any], lora: dict[str, Any], mesh: Mesh) -> None:
+    """Log (once per state) the LoRA params that stay whole on every fsdp chip: their feature dim is not divisible
+    by the fsdp size (or ``mesh.rules`` maps ``lora_feature`` elsewhere)."""
+    fsdp = mesh.shape.get("fsdp", 1)
+    if fsdp == 1:
+        return
+    whole = [k for k, s in shardings.items() if "fsdp" not in _spec_axes(s)]
+    if whole:
+        size = sum(math.prod(lora[k].shape) * np.dtype(lora[k].dtype).itemsize for k in whole)
+        names = ", ".join(f"{k} {list(lora[k].shape)}" for k in whole[:4]) + (" ..." if len(whole) > 4 else "")
+        log.info("%d of %d LoRA params (%.2f MiB) are not split over fsdp=%d, nor their optimizer state: %s",
+                 len(whole), len(shardings), size / 2**20, fsdp, names)  # fmt: skip
+
+
+def _spec_axes(sharding: Any) -> set[str]:
+    if not isinstance(sharding, NamedSharding):
+        return set()
+    return {a for entry in sharding.spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBytes:
+    """Bytes of a TrainState (LoRA params, optimizer state, EMA, counters) on one chip, and were it replicated."""
+
+    per_chip: int
+    replicated: int
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of arrays or ShapeDtypeStructs with shardings (the shard shape of each leaf
+    from its sharding; a leaf without one counts whole)."""
+
+    def one(x: Any) -> int:
+        sharding = getattr(x, "sharding", None)
+        shape = tuple(x.shape) if sharding is None else sharding.shard_shape(tuple(x.shape))
+        return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+    return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+def state_bytes(state: TrainState) -> StateBytes:
+    """``state``'s per-chip bytes under its shardings and its full size (what each chip holds when replicated)."""
+    full = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    return StateBytes(per_chip=per_device_bytes(state), replicated=full)
 
 
 def abstract_state(tx: optax.GradientTransformation, lora: dict[str, Any], *, seed: int, ema: bool) -> TrainState:

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-len", type=int, default=512, metavar="N", help="T5 tokens per caption (default 512)")
     parser.add_argument("--hbm-gib", type=float, metavar="GIB",
                         help="check against this much HBM per chip instead of the chip's")  # fmt: skip
+    parser.add_argument("--remat-first-fit", action="store_true",
+                        help="with model.remat auto: stop at the first remat policy that fits, as train does, instead "
+                        "of compiling every policy for the report (faster)")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON to PATH ('-' for stdout)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.base_dtype=fp8")
 
@@ -47,6 +50,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
                         ("--hbm-gib", args.hbm_gib), ("--json", args.json)):  # fmt: skip
         if value is not None:
             argv += [flag, str(value)]
+    if args.remat_first_fit:
+        argv.append("--remat-first-fit")
     verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []
     return [*verbose, *argv, *args.overrides]
 
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise FluxJaxError(f"--hbm-gib must be > 0, got {args.hbm_gib}")
     cfg = load_config(args.config, overrides)
     hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2**30)
-    result = plan(cfg, target, text_len=args.text_len, hbm_bytes=hbm)
+    result = plan(cfg, target, text_len=args.text_len, hbm_bytes=hbm, remat_first_fit=args.remat_first_fit)
     if args.json == "-":
         print(json.dumps(result.to_dict()))
     else:

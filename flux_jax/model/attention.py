@@ -36,7 +36,7 @@ CHOICES: tuple[str, ...] = ("auto", *IMPLEMENTATIONS)
 AUTO_KERNELS: dict[str, AttentionImpl] = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "xla"}
 
 # Splash's sequence blocks must be multiples of the TPU's 128 lanes (and divide the sequence); these are the
-# candidates, largest first (see `_splash_block`).
+# candidates, largest first (see `splash_padding`).
 SPLASH_BLOCKS: tuple[int, ...] = (512, 256, 128)
 
 # q, k, v as splash sees them per shard: examples over the batch axes and heads over the tensor axis, like the
@@ -59,7 +59,8 @@ def kernel_limitation(
 
     splash (jax 0.10.2): TPU only. Its blocks must be multiples of 128 that divide the sequence, which
     `splash_attention` arranges by padding; it takes any head_dim (it pads the lanes itself since jax PR 26676;
-    AOT compiles for v5e and v6e from head_dim 1 to 512, fp32 and bf16, confirm it), so the check is the dtype.
+    AOT compiles for v5e and v6e from head_dim 1 to 512, fp32 and bf16, confirm it), so the check is the dtype:
+    the two compute dtypes (``model.compute_dtype``), the only ones compiled here.
     cudnn: `jax.nn.dot_product_attention`'s cuDNN flash path takes fp16 / bf16 only, and a head_dim that is a
     multiple of 8 and at most 256 on Hopper (compute capability 9.0) or later, 128 before (or when unknown).
     """
@@ -70,7 +71,7 @@ def kernel_limitation(
         if platform != "tpu":
             return f"the splash kernel runs on TPU only, not on {platform}"
         if name not in ("float32", "bfloat16"):
-            return f"splash takes float32 or bfloat16, not {name}"
+            return f"splash is used for float32 or bfloat16 only, not {name}"
         return None
     if impl == "cudnn":
         if platform not in ("gpu", "cuda"):

@@ -40,6 +40,7 @@ from flux_jax.dtypes import DTYPES, compute_dtype_for  # noqa: E402
 from flux_jax.encoders.vae import AutoEncoder, VAEConfig  # noqa: E402
 from flux_jax.flow import packed_seq_len  # noqa: E402
 from flux_jax.hardware import peak_flops  # noqa: E402
+from flux_jax.model.attention import select_attention  # noqa: E402
 from flux_jax.model.config import FluxConfig, preset  # noqa: E402
 from flux_jax.sampling.sampler import FluxSampler, SampleSettings, TextConditioning  # noqa: E402
 from flux_jax.sharding import make_mesh, state_shardings, use_mesh  # noqa: E402
@@ -68,7 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--txt-len", type=int, default=None, help="T5 tokens (default: dev 512, schnell 256, tiny 16)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp8"],
                    help="base storage dtype (fp8: kernels stored fp8, computed in bf16)")  # fmt: skip
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "cudnn", "splash"],
+        help="model.attention (auto: splash on TPU, cuDNN on NVIDIA GPUs, XLA on CPU)",
+    )
     p.add_argument("--vae", default=None, choices=["flux", "tiny"], help="VAE shape (default: flux; tiny for tiny)")
     p.add_argument("--no-decode", action="store_true", help="time the denoising loop only")
     p.add_argument("--repeats", type=int, default=3, help="timed calls (after one untimed warm call)")
@@ -198,9 +204,10 @@ def main(argv=None) -> list[dict]:
     device = jax.devices()[0]
     peak = peak_flops(device, args.peak_tflops)
     compute = "bf16" if args.dtype == "fp8" else args.dtype
+    attention, _ = select_attention(args.attention, device=device, head_dim=arch.head_dim, dtype=DTYPES[compute])
     t0 = time.perf_counter()
     with use_mesh(mesh, rules):
-        model = random_base(arch, dtype=args.dtype, attention=args.attention, mesh=mesh, rules=rules)
+        model = random_base(arch, dtype=args.dtype, attention=attention, mesh=mesh, rules=rules)
         vae = random_vae(VAEConfig.flux() if args.vae == "flux" else VAEConfig.tiny(), dtype=compute, mesh=mesh)
         jax.block_until_ready((nnx.state(model), nnx.state(vae)))
     n_base = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
@@ -211,7 +218,7 @@ def main(argv=None) -> list[dict]:
     results = []
     for batch in args.batch:
         common = dict(preset=args.preset, width=args.width, height=args.height, steps=args.steps, batch=batch,
-                      cfg=args.cfg, dtype=args.dtype, attention=args.attention, device=device.device_kind,
+                      cfg=args.cfg, dtype=args.dtype, attention=attention, device=device.device_kind,
                       devices=mesh.size)  # fmt: skip
         try:
             with use_mesh(mesh, rules):

@@ -66,7 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", nargs="+", default=["none", "full"], choices=["none", "full", "save_matmuls"])
     p.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8", "fp32"])
     p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn", "splash"])
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "cudnn", "splash"],
+        help="model.attention (auto: splash on TPU, cuDNN on NVIDIA GPUs, XLA on CPU)",
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=2)
@@ -227,7 +232,8 @@ def main(argv=None) -> list[dict]:
                                 tx=tx, objective=objective, ema_decay=None, mesh=mesh)  # fmt: skip
         for res in args.resolution:
             common = dict(res=res, remat=remat, batch=args.batch, double=arch.depth, single=arch.depth_single_blocks,
-                          base_dtype=args.base_dtype, attention=args.attention, device=device.device_kind)  # fmt: skip
+                          base_dtype=args.base_dtype, attention=model.double_blocks.attention_impl,
+                          device=device.device_kind)  # fmt: skip
             try:
                 r = dict(common, **time_step(args, arch, compiler, frozen, lora_state, tx, mesh, rules, res, peak))
             except jax.errors.JaxRuntimeError as e:  # out of memory (at compile or run time): report, go on

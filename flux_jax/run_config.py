@@ -46,7 +46,10 @@ class ModelConfig:
     base_dtype: Literal["fp32", "bf16", "fp8"] = "bf16"
     """Storage dtype of the frozen base weights."""
     compute_dtype: Literal["fp32", "bf16"] = "bf16"
-    attention: Literal["xla", "cudnn", "splash"] = "xla"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    """Attention kernel: ``auto`` runs splash (Pallas) on TPU, cuDNN flash on NVIDIA GPUs, XLA elsewhere, and XLA
+    where that kernel cannot run the model's head_dim / compute dtype (logged); an explicit kernel that cannot run
+    is an error (``flux_jax.model.attention.resolve_attention``)."""
     remat: Literal["auto", "none", "full", "save_matmuls"] = "auto"
     """Per-block rematerialisation policy; ``auto``: the first of none, save_matmuls, full whose compiled step fits
     the device (``flux_jax.train.memory``)."""

@@ -198,3 +198,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules | None = No
         return x
     spec = logical_to_spec(axes, x.shape, ctx.rules if rules is None else rules, ctx.mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+
+def active_spec(axes: Sequence[str | None], shape: Sequence[int]) -> tuple[Mesh, PartitionSpec] | None:
+    """(the current mesh, the PartitionSpec of an activation of ``shape`` with logical ``axes`` under its rules), or
+    None outside :func:`use_mesh`; for code that must name its shards itself (``jax.shard_map`` around a kernel)."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return None
+    return ctx.mesh, logical_to_spec(axes, shape, ctx.rules, ctx.mesh)

@@ -164,10 +164,10 @@ def test_attention_implementations_agree_on_cpu():
     ref = attention(q, k, v, impl="xla")
     want = jax.nn.dot_product_attention(q, k, v, implementation="xla").reshape(2, 200, 192)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), atol=1e-5)
-    from flux_jax.model.attention import _splash_attention
+    from flux_jax.model.attention import splash_attention
 
     try:  # the Pallas TPU kernel in interpret mode runs on CPU; skip only if this jax build lacks the interpreter
-        splash = _splash_attention(q, k, v, interpret=True).reshape(2, 200, 192)
+        splash = splash_attention(q, k, v, interpret=True).reshape(2, 200, 192)
     except NotImplementedError as e:  # pragma: no cover
         pytest.skip(f"splash interpret mode unavailable: {e}")
     np.testing.assert_allclose(np.asarray(splash), np.asarray(ref), atol=1e-5)

@@ -218,9 +218,9 @@ def test_plan_tiny_on_v5e_4_compiles_and_reports(capfd, tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_plan_that_does_not_fit_exits_nonzero(capfd, tmp_path):
-    # 4096 px is 65536 image tokens: the tiny model's attention logits alone are ~137 GB per chip, so the TPU
-    # compiler itself refuses the program (the path a too-large full-size run takes).
-    rc, out, plan = _plan(["--resolution", "4096"], capfd, tmp_path)
+    # 4096 px is 65536 image tokens: with XLA attention the tiny model's attention logits alone are ~137 GB per
+    # chip, so the TPU compiler itself refuses the program (the path a too-large full-size run takes).
+    rc, out, plan = _plan(["--resolution", "4096", "model.attention=xla"], capfd, tmp_path)
     assert rc == 1, out
     assert "does not fit" in out and "ran out of HBM" in out
     assert plan["fits"] is False and plan["memory"]["from_compiler_error"] is True

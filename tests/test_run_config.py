@@ -46,7 +46,7 @@ def test_shipped_configs_exist() -> None:
 def test_tiny_config_values() -> None:
     cfg = load_config(CONFIGS / "tiny.yaml")
     assert cfg.model.preset == "tiny" and cfg.model.base == ""
-    assert (cfg.model.base_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("fp32", "fp32", "none")
+    assert (cfg.model.base_dtype, cfg.model.compute_dtype, cfg.model.remat) == ("fp32", "fp32", "auto")
     assert (cfg.lora.rank, cfg.lora.alpha) == (4, 8.0)
     assert (cfg.train.steps, cfg.train.batch_size) == (30, 8)
     assert cfg.optim.lr == pytest.approx(1e-3)

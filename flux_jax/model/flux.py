@@ -123,10 +123,10 @@ def configure(model: Flux, *, attention: str | None = None, remat: RematPolicy |
         _checkpoint(lambda c, s: c, remat)  # validates the name
         model.remat = remat
     if attention is not None:
-        from flux_jax.model.attention import IMPLEMENTATIONS
+        from flux_jax.model.attention import CHOICES
 
-        if attention not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown attention implementation {attention!r}; choose one of {IMPLEMENTATIONS}")
+        if attention not in CHOICES:
+            raise ValueError(f"unknown attention implementation {attention!r}; choose one of {CHOICES}")
         model.double_blocks.attention_impl = attention
         model.single_blocks.attention_impl = attention
     return model

@@ -35,6 +35,7 @@ from typing import Any
 from flux_jax import hub
 from flux_jax.errors import FluxJaxError
 from flux_jax.flow import packed_seq_len
+from flux_jax.model.attention import describe_attention
 from flux_jax.model.config import PRESETS, FluxConfig
 from flux_jax.planning import hlo_flops, hlo_traffic
 from flux_jax.planning.topology import TpuTarget, devices, peak_flops
@@ -206,12 +207,13 @@ def plan(cfg: RunConfig, target: TpuTarget, *, text_len: int = DEFAULT_TEXT_LEN,
     # remat auto: every policy is compiled for the report; the run uses the first that fits, as train would.
     search = RematSearch(capacity=capacity, evaluate_all=not remat_first_fit) if cfg.model.remat == AUTO else None
     step = abstract_step(cfg, mesh, model_config=model_config, remat=search)
+    notes = (*notes, *step.notes)
     batch = step.batch(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                        resolution=cfg.data.resolution, text_len=text_len)  # fmt: skip
     peak = peak_flops(target, devs[0])
     common = dict(target=target, model=model_name, mesh=dict(mesh.shape), batch_size=cfg.train.batch_size,
                   grad_accum=cfg.train.grad_accum, resolution=cfg.data.resolution, text_len=text_len,
-                  base_dtype=cfg.model.base_dtype, attention=cfg.model.attention,
+                  base_dtype=cfg.model.base_dtype, attention=describe_attention(cfg.model.attention, step.attention),
                   capacity=capacity, peak_flops=peak, train_state=state_bytes(step.state))  # fmt: skip
     log.info("compiling the train step for %s (%s, mesh %s, batch %d at %d px); this can take minutes",
              target.name, target.topology, dict(mesh.shape), cfg.train.batch_size, cfg.data.resolution)  # fmt: skip

@@ -46,7 +46,7 @@ from flux_jax.planning import hlo_flops
 from flux_jax.run_config import ModelConfig, RunConfig
 from flux_jax.sampling.sampler import decode, denoise
 from flux_jax.sharding import state_shardings, use_mesh
-from flux_jax.train.build import BASE_PARAMS, Adapters, lora_model
+from flux_jax.train.build import BASE_PARAMS, Adapters, lora_model, with_attention
 from flux_jax.train.memory import parse_oom
 
 # Defaults for fields the config's validation section may not have (FLUX.1-dev's sampling recipe; fp8 storage
@@ -214,6 +214,7 @@ def abstract_sampling_model(
     base_dtype = spec.base_dtype if spec.base else cfg.model.base_dtype
     model_cfg = ModelConfig(base_dtype=base_dtype, compute_dtype=cfg.model.compute_dtype,
                             attention=cfg.model.attention, remat="none")  # fmt: skip
+    model_cfg, _ = with_attention(model_cfg, architecture, device=mesh.devices.flat[0])  # the trainer's kernel
     adapters = Adapters.from_config(cfg.lora)
 
     def make() -> nnx.Module:

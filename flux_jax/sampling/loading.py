@@ -87,9 +87,10 @@ def resolve_base(base: str | os.PathLike, encoders: str | os.PathLike | None = N
 
 
 def load_transformer(
-    path: str, *, dtype: str, compute_dtype: str, mesh: Mesh, rules: Rules = DEFAULT_RULES, attention: str = "xla"
+    path: str, *, dtype: str, compute_dtype: str, mesh: Mesh, rules: Rules = DEFAULT_RULES, attention: str = "auto"
 ) -> Flux:
-    """The base transformer, sharded on ``mesh`` (stored fp32 / bf16 / fp8)."""
+    """The base transformer, sharded on ``mesh`` (stored fp32 / bf16 / fp8), with the attention kernel for the
+    mesh's devices by default (``flux_jax.model.attention``)."""
     return load_flux(
         path,
         dtype=parse_dtype(dtype, BASE_DTYPES),

@@ -23,7 +23,7 @@ from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import RunConfig
 from flux_jax.sharding import state_shardings, use_mesh
-from flux_jax.train.build import Adapters, lora_model
+from flux_jax.train.build import Adapters, lora_model, with_attention
 from flux_jax.train.memory import AUTO, RematSearch
 from flux_jax.train.objective import Objective
 from flux_jax.train.optim import build_optimizer
@@ -55,6 +55,10 @@ class AbstractStep:
     mesh: Mesh
     rules: Rules
     adapted: tuple[str, ...]
+    attention: str
+    """The attention kernel the step runs (``model.attention`` resolved for the mesh's devices)."""
+    notes: tuple[str, ...] = ()
+    """Why ``model.attention: auto`` fell back to xla, when it did."""
 
     def batch(self, *, batch_size: int, grad_accum: int, resolution: int, text_len: int) -> dict[str, Any]:
         """The abstract batch of the data pipeline: [micro, rows, ...] leaves, square ``resolution`` images."""
@@ -88,18 +92,21 @@ def abstract_step(
     ``model_config`` is the base's architecture (a loaded base's config comes from its checkpoint, which the
     planner need not have): the base is built as a random base of that shape, which has the same parameter
     dtypes and shardings as a loaded one (both store through ``dtypes.storage_dtype``). ``remat``: how
-    ``model.remat: auto`` is searched (ignored for a fixed policy; by default with no capacity limit).
+    ``model.remat: auto`` is searched (ignored for a fixed policy; by default with no capacity limit). The
+    attention kernel is resolved for the mesh's devices, as the trainer resolves it for its own: a mesh of
+    compile-only TPU devices gets the kernel a TPU run would use.
     """
     if cfg.model.remat == AUTO and remat is None:
         remat = RematSearch(capacity=None)  # no capacity given: the first candidate ("none") fits
     rules = cfg.mesh.rules
+    model_cfg, why = with_attention(cfg.model, model_config, device=mesh.devices.flat[0])
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     seed = cfg.train.seed
     adapters = Adapters.from_config(cfg.lora)
     adapted: list[str] = []
 
     def make() -> nnx.Module:
-        model, adapted[:] = lora_model(model_config, cfg.model, adapters, seed=seed)
+        model, adapted[:] = lora_model(model_config, model_cfg, adapters, seed=seed)
         return model
 
     with use_mesh(mesh, rules):
@@ -119,4 +126,5 @@ def abstract_step(
                             objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
                             mesh=mesh, remat=remat if cfg.model.remat == AUTO else None)  # fmt: skip
     return AbstractStep(compiler=compiler, state=state, frozen=compiler.abstract_frozen, model_config=model_config,
-                        mesh=mesh, rules=rules, adapted=tuple(adapted))  # fmt: skip
+                        mesh=mesh, rules=rules, adapted=tuple(adapted), attention=model_cfg.attention,
+                        notes=() if why is None else (why,))  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import jax
 from flax import nnx
@@ -18,6 +19,7 @@ from jax.sharding import Mesh
 
 from flux_jax.axes import Rules
 from flux_jax.dtypes import BF16, DTYPES, FP8, storage_dtype
+from flux_jax.model.attention import describe_attention, select_attention
 from flux_jax.model.config import FluxConfig, preset
 from flux_jax.model.flux import Flux
 from flux_jax.model.lora import LoRADropoutKey, LoRAMask, apply_lora, set_lora_training
@@ -105,6 +107,17 @@ def lora_model(
     return model, attach_lora(model, adapters, seed=seed)
 
 
+def with_attention(model_cfg: ModelConfig, cfg: FluxConfig, *, device: Any) -> tuple[ModelConfig, str | None]:
+    """``model_cfg`` with ``attention`` resolved to the kernel that runs architecture ``cfg`` on ``device`` (the
+    first device of the mesh the program is compiled for), and why "auto" fell back to xla (None if it did not).
+    An explicit kernel that cannot run there is an ``AttentionError``."""
+    impl, why = select_attention(model_cfg.attention, device=device, head_dim=cfg.head_dim,
+                                 dtype=DTYPES[model_cfg.compute_dtype])  # fmt: skip
+    if impl != model_cfg.attention:
+        log.info("attention %s", describe_attention(model_cfg.attention, impl))
+    return dataclasses.replace(model_cfg, attention=impl), why
+
+
 def base_architecture(model_cfg: ModelConfig) -> FluxConfig:
     if model_cfg.preset is None:
         raise ValueError("model.base is empty and no model.preset is set")
@@ -122,7 +135,8 @@ def build_model(
 ) -> tuple[Flux, list[str]]:
     """The run's model: the frozen base (loaded from ``model.base``, or random of shape ``model.preset``, or of
     ``architecture`` when given, e.g. a reduced-depth benchmark) with LoRA attached, every variable created in its
-    sharding. Returns (model, adapted module paths).
+    sharding, running the attention kernel ``model.attention`` resolves to on the mesh's devices (``with_attention``).
+    Returns (model, adapted module paths).
 
     The model with adapters is first built abstractly; its shardings come from the logical axes. A random base
     and the adapters are then created by one jitted function with those ``out_shardings`` (one compile instead
@@ -149,6 +163,9 @@ def build_model(
     else:
         cfg = base_architecture(model_cfg)
         log.info("building a random %r base (%s)", model_cfg.preset, model_cfg.base_dtype)
+    # The returned model's graphdef comes from `make`, so this choice is the kernel it runs (for a loaded base the
+    # same one load_flux resolved).
+    model_cfg, _ = with_attention(model_cfg, cfg, device=mesh.devices.flat[0])
     adapters = Adapters.from_config(lora_cfg)
     adapted: list[str] = []
 

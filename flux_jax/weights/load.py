@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flux_jax.axes import DEFAULT_RULES, Rules
 from flux_jax.dtypes import compute_dtype_for, storage_dtype
 from flux_jax.errors import CheckpointError
+from flux_jax.model.attention import select_attention
 from flux_jax.model.config import FluxConfig
 from flux_jax.model.flux import Flux
 from flux_jax.sharding import state_shardings
@@ -94,6 +95,7 @@ def load_flux(
     dtype: parameter storage dtype (fp32, bf16, fp16, or float8_e4m3fn for a frozen base's kernels).
     compute_dtype: activation dtype; defaults to dtype (bf16 when dtype is fp8).
     mesh / rules: where parameters go; each device shard is read straight from the file. Default: one device.
+    attention: the kernel (``flux_jax.model.attention``); "auto" picks the one for the mesh's devices.
     """
     if compute_dtype is None:
         compute_dtype = compute_dtype_for(dtype)
@@ -105,6 +107,8 @@ def load_flux(
 
 
 def load_from_checkpoint(ckpt: FluxCheckpoint, *, dtype, compute_dtype, mesh, rules, attention="xla", remat="none"):
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    attention, _ = select_attention(attention, device=device, head_dim=ckpt.config.head_dim, dtype=compute_dtype)
     abstract = abstract_model(ckpt.config, param_dtype=dtype, dtype=compute_dtype, attention=attention, remat=remat)
     sources = ckpt.flax_leaves if ckpt.flax_leaves is not None else flax_sources(ckpt.config, ckpt.tensors)
     return load_state_into(abstract, sources, dtype=dtype, mesh=mesh, rules=rules, where=str(ckpt.path))

@@ -391,3 +391,46 @@ def test_plan_with_validation_compiles_the_sampler_for_the_target():
     resident = v["base"] + v["vae"] + v["prompts"]
     peak = max(mem["total"] - mem["argument"], v["sampling"], v["decoding"])
     assert plan["total"] == mem["argument"] + resident + peak and plan["fits"] is True
+
+
+# The splash kernels as libtpu emits them in the Flux step (operands: two block-mask tables, q, k, v, then for the
+# backward kernels the softmax statistics and do), inside a 3-trip loop, plus one forward outside it.
+SPLASH_HLO = """
+HloModule splash
+
+%body (p: (s32[], bf16[2,1536,128])) -> (s32[], bf16[2,1536,128]) {
+  %p = (s32[], bf16[2,1536,128]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %q = bf16[2,1536,128]{2,1,0} get-tuple-element(%p), index=1
+  %m = s8[1,3,3]{2,1,0} constant({...})
+  %lse = f32[2,8,1536]{2,1,0} constant({...})
+  %splash_mha_dkv_no_residuals.1 = (bf16[2,1536,128]{2,1,0}, bf16[2,1536,128]{2,1,0}) custom-call(%m, %m, %q, %q, %q, %lse, %q, %lse), custom_call_target="tpu_custom_call"
+  %splash_mha_dq_no_residuals.1 = bf16[2,1536,128]{2,1,0} custom-call(%m, %m, %q, %q, %q, %lse, %q, %lse), custom_call_target="tpu_custom_call"
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[2,1536,128]) tuple(%next, %splash_mha_dq_no_residuals.1)
+}
+
+%cond (p: (s32[], bf16[2,1536,128])) -> pred[] {
+  %p = (s32[], bf16[2,1536,128]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: bf16[2,1536,128]) -> (s32[], bf16[2,1536,128]) {
+  %x = bf16[2,1536,128]{2,1,0} parameter(0)
+  %m = s8[1,3,3]{2,1,0} constant({...})
+  %splash_mha_fwd_residuals.1 = (bf16[2,1536,128]{2,1,0}, f32[2,1536,128]{2,1,0}) custom-call(%m, %m, %x, %x, %x), custom_call_target="tpu_custom_call"
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[2,1536,128]) tuple(%zero, %x)
+  ROOT %w = (s32[], bf16[2,1536,128]) while(%init), condition=%cond, body=%body
+}
+"""  # noqa: E501  (HLO lines as libtpu prints them)
+
+
+def test_count_flops_counts_the_splash_kernels():
+    pair = 2.0 * 2 * 1536 * 1536 * 128  # one matmul over every (query, key) pair of 2 heads at head_dim 128
+    count = count_flops(SPLASH_HLO)
+    assert count.flops == 2 * pair + 3 * (3 * pair + 4 * pair)  # the forward once, dq + dkv three times
+    assert count.flat_flops == 2 * pair + 3 * pair + 4 * pair

@@ -9,7 +9,8 @@ condition (``counter < N``), the counter's initial value and its step (XLA unrol
 more than 1); everything else (fusions, calls) once. A loop whose count cannot be read is counted once and
 reported in ``FlopCount.loops``.
 
-Only matmul FLOPs are counted (elementwise work is small next to them in a transformer); ``flat`` gives the
+Only matmul FLOPs are counted (elementwise work is small next to them in a transformer), including those inside
+the splash-attention kernels, which are custom calls XLA's own count skips; ``flat`` gives the
 same count with every loop body once, for a like-for-like check against ``cost_analysis()["flops"]``.
 
 ``Module`` holds the parsed text and walks it with those multiplicities; ``hlo_traffic`` counts bytes with it.
@@ -373,12 +374,37 @@ class Module:
         return of("ENTRY")
 
 
+# The Pallas splash-attention kernels (``flux_jax.model.attention`` on TPU) are custom calls whose FLOPs XLA cannot
+# see; their instruction names say which kernel runs. Per (q, k) pair the forward does 2 matmuls (q k^T, p v), the
+# dq kernel recomputes q k^T and adds do v^T and ds k (3), the dkv kernel recomputes q k^T and adds p^T do, do v^T
+# and ds^T q (4); each matmul is 2 x q rows x k rows x head_dim. q, k, v (and do) are the kernel's largest operands
+# ([..., heads, length, head_dim], Flux's self-attention: all the same size); q and k are the first two of them
+# (the smaller ones are the block mask tables and the softmax statistics).
+_SPLASH = re.compile(r"^splash_mha_(fwd|dq|dkv)")
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(inst: Instruction, shapes: dict[str, tuple[int, ...] | None]) -> float:
+    kind = _SPLASH.match(inst.name)
+    arrays = [s for s in (shapes.get(o) for o in inst.operands) if s is not None and len(s) >= 3]
+    if kind is None or not arrays:
+        return 0.0
+    largest = max(math.prod(s) for s in arrays)
+    big = [s for s in arrays if math.prod(s) == largest]
+    if len(big) < 2:
+        return 0.0
+    q, k = big[0], big[1]
+    return _SPLASH_MATMULS[kind[1]] * 2.0 * math.prod(q[:-1]) * k[-2] * q[-1]
+
+
 def count_flops(text: str) -> FlopCount:
     """Loop-aware matmul FLOPs of the HLO module ``text`` (see the module docstring)."""
     module = Module(text)
     loops: list[LoopInfo] = []
 
     def dots(inst: Instruction, comp: str) -> float:
+        if inst.opcode == "custom-call":
+            return _splash_flops(inst, module.shapes)
         return _dot_flops(inst, module.shapes) if inst.opcode in ("dot", "convolution") else 0.0
 
     flops = module.total(dots, flat=False, loops=loops)

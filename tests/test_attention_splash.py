@@ -165,7 +165,7 @@ def test_auto_in_a_built_model_is_xla_on_cpu():
 # The TPU step, compiled ahead of time (libtpu)
 
 # The trainer's step for the recipe (configs/dev2pro_lora.yaml with its v5e-8 / v6e-8 mesh: FSDP over 8 chips,
-# batch 8) on a Flux narrowed to 2 heads of the real head_dim 128, one block of each kind, at the real sequence
+# batch 8; remat full, the policy remat auto takes for the full model at 1024 px) on a Flux narrowed to 2 heads of the real head_dim 128, one block of each kind, at the real sequence
 # lengths (512 text tokens + the image's), so each compile takes seconds instead of minutes.
 AOT_STEP = """
 import json, re, sys
@@ -180,7 +180,8 @@ arch = FluxConfig(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim
 mesh = make_mesh(1, 8, 1, devices=devices(parse_target(sys.argv[1])))
 for item in sys.argv[2:]:
     resolution, attention = item.split(":")
-    cfg = load_config("configs/dev2pro_lora.yaml", [f"model.attention={attention}", f"data.resolution={resolution}"])
+    cfg = load_config("configs/dev2pro_lora.yaml", [f"model.attention={attention}", f"data.resolution={resolution}",
+                                                    "model.remat=full"])
     step = abstract_step(cfg, mesh, model_config=arch)
     compiled = step.compile(step.batch(batch_size=8, grad_accum=1, resolution=int(resolution), text_len=512))
     lines, memory = compiled.as_text().splitlines(), compiled.memory_analysis()

@@ -165,8 +165,9 @@ def test_auto_in_a_built_model_is_xla_on_cpu():
 # The TPU step, compiled ahead of time (libtpu)
 
 # The trainer's step for the recipe (configs/dev2pro_lora.yaml with its v5e-8 / v6e-8 mesh: FSDP over 8 chips,
-# batch 8; remat full, the policy remat auto takes for the full model at 1024 px) on a Flux narrowed to 2 heads of the real head_dim 128, one block of each kind, at the real sequence
-# lengths (512 text tokens + the image's), so each compile takes seconds instead of minutes.
+# batch 8; remat pinned to full, a policy that saves memory as remat auto does for the full model) on a Flux
+# narrowed to 2 heads of the real head_dim 128, one block of each kind, at the real sequence lengths (512 text
+# tokens + the image's), so each compile takes seconds instead of minutes.
 AOT_STEP = """
 import json, re, sys
 from flux_jax.model.config import FluxConfig

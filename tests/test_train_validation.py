@@ -406,7 +406,12 @@ def test_validation_on_another_base_samples_it_with_the_lora_and_trains_the_same
     alone = sample_alone(other_base, cfg, trainer.mesh, tmp_path)
     training_base = images_of(validated[0], 0)
     for key, image in before.items():
-        np.testing.assert_array_equal(image, alone[key], err_msg=str(key))
+        # The other base's pictures, up to float rounding: the validation program carries the zero adapters (split
+        # over fsdp), the lone sampler does not, and XLA's CPU code for the two may order a sum differently, so an
+        # ulp can flip one pixel's rounding to uint8 (seen on CI: one value of 3072 off by one). The training
+        # base's pictures are more than 10 levels away on average (below).
+        diff = np.abs(image.astype(int) - alone[key])
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.01 * diff.size, (key, diff.max(), np.count_nonzero(diff))
         assert np.abs(image.astype(int) - training_base[key]).mean() > 10, key
     # The trained LoRA is on it: the pictures move from step 0 to the last step.
     after = images_of(out, STEPS)

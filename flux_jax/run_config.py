@@ -97,18 +97,24 @@ class DataConfig:
     synthetic: bool = False
     """Train on a small built-in synthetic dataset shaped for the model (smoke runs; needs ``path: ""``)."""
     # ---- Sources, bucketing, augmentation and bad-data policy (flux_jax.data; `flux-jax cache`).
-    source: Literal["folder", "tfds"] = "folder"
+    source: Literal["folder", "tfds", "webdataset", "parquet"] = "folder"
     """``folder``: images with same-named caption files (kohya ``N_name/`` subfolders repeat N times) or a
-    ``metadata.jsonl``/``.csv``; ``tfds``: ``path`` is a TFDS dataset name or a prepared dataset directory."""
+    ``metadata.jsonl``/``.csv``; ``tfds``: ``path`` is a TFDS dataset name or a prepared dataset directory;
+    ``webdataset``: tar shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt`` or ``KEY.json``);
+    ``parquet``: files in the Hugging Face datasets layout. For these two ``path`` is a directory of ``.tar`` /
+    ``.parquet`` files, a glob or a brace range (``shards/{00000..00099}.tar``), local or ``gs://``."""
     split: str = "train"
     """TFDS split to read."""
     tfds_data_dir: str | None = None
     """TFDS data_dir for a dataset given by name; None = TFDS's default."""
     image_key: str = "image"
-    """TFDS feature holding the image (encoded bytes or a uint8 array)."""
+    """TFDS feature, or parquet column, holding the image (encoded bytes, a uint8 array, or a datasets ``Image``
+    struct of ``bytes`` and ``path``)."""
     caption_key: str = "text"
-    """TFDS feature, or metadata.jsonl/csv column, holding the caption."""
+    """TFDS feature, metadata.jsonl/csv or parquet column, or field of a webdataset sample's ``.json``, holding the
+    caption."""
     caption_ext: str = ".txt"
+    """Caption files beside images (folder), or the caption member of a webdataset sample (it wins over ``.json``)."""
     resolutions: tuple[int, ...] = ()
     """Several target sides (bucket area = side^2), each image cached at every one it reaches without
     upscaling past ``max_upscale``; empty = just ``resolution``."""

@@ -1,6 +1,7 @@
 """All training data: images and captions to training batches (the only data package).
 
-- `sources`: a kohya-style image folder (or metadata.jsonl/csv), or any TFDS dataset.
+- `sources`: a kohya-style image folder (or metadata.jsonl/csv), or any TFDS dataset; `web_sources`: webdataset
+  tar shards (img2dataset's layout) and parquet files (Hugging Face's), local or in a bucket.
 - `images`: robust decoding; every bad input is converted or skipped and reported (`DataReport`).
 - `buckets`: aspect-ratio buckets (`Bucket`: static shapes) and the crop/resize into them.
 - `tfds_builders`: folder -> array_record TFDS dataset; the cache's own TFDS dataset.

@@ -85,8 +85,9 @@ SHARD_BYTES = 256 << 20
 
 
 def resolve_cache_dir(cfg: Any) -> Path:
-    """``data.cache_dir``, or next to the data: ``<folder>_cache`` beside an image folder or prepared TFDS
-    directory, ``<output_dir>/cache`` for a TFDS dataset given by name."""
+    """``data.cache_dir``, or next to the data: ``<folder>_cache`` beside an image folder, a prepared TFDS
+    directory or a local directory of shards, ``<output_dir>/cache`` for a TFDS dataset given by name and for
+    shards given by a glob, a brace range or a bucket URL."""
     data = cfg.data
     if data.cache_dir:
         return Path(data.cache_dir)

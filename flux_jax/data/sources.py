@@ -1,4 +1,5 @@
-"""Where images and captions come from: a folder (kohya layout or metadata files) or any TFDS dataset.
+"""Where images and captions come from: a folder (kohya layout or metadata files), any TFDS dataset, or the
+web-scale formats in `web_sources` (webdataset tar shards, parquet files).
 
 Every source is random access and yields `RawExample`s: undecoded image bytes (or an array), the raw caption
 (bytes, text, or None when there is none) and the number of times the example repeats per epoch. Decoding and
@@ -347,10 +348,10 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def open_source(data: Any) -> FolderSource | TfdsSource:
+def open_source(data: Any) -> Source:
     """The source a `run_config.DataConfig` describes."""
     if not data.path:
-        raise DataError("data.path is empty: set it to an image folder or a TFDS dataset")
+        raise DataError("data.path is empty: set it to an image folder, a TFDS dataset, tar shards or parquet files")
     if data.source == "tfds":
         return TfdsSource(
             data.path,
@@ -359,4 +360,11 @@ def open_source(data: Any) -> FolderSource | TfdsSource:
             image_key=data.image_key,
             caption_key=data.caption_key,
         )
+    if data.source in ("webdataset", "parquet"):
+        # web_sources builds on this module (RawExample, IMAGE_EXTENSIONS): imported here, not at the top.
+        from flux_jax.data.web_sources import ParquetSource, WebDatasetSource
+
+        if data.source == "webdataset":
+            return WebDatasetSource(data.path, caption_ext=data.caption_ext, caption_key=data.caption_key)
+        return ParquetSource(data.path, image_key=data.image_key, caption_key=data.caption_key)
     return FolderSource(data.path, caption_ext=data.caption_ext, caption_key=data.caption_key)

@@ -211,8 +211,11 @@ def test_batch_that_cannot_be_split_is_a_config_error(tmp_path):
 
 
 def test_missing_dataset_fails_before_the_model_is_built(tmp_path):
-    with pytest.raises(FluxJaxError, match="run `flux-jax cache` first"):
+    # The trainer caches an uncached folder first (tests/test_train_autocache.py); a folder that is not there fails
+    # in that step's first look, before anything is written or built.
+    with pytest.raises(FluxJaxError, match=r"nope: dataset folder not found"):
         setup(config(tmp_path, "data.synthetic=false", f"data.path={tmp_path / 'nope'}"), progress=False)
+    assert not (tmp_path / "nope_cache").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_guidance_warning_is_loud_for_dev_bases(caplog):

@@ -8,7 +8,8 @@ sharded on the mesh, into ``data.cache_dir``. Re-running resumes an interrupted 
 checks every file against the sizes and CRC-32s in cache.json and is a no-op when they match, and otherwise
 (a file deleted, truncated or changed) encodes again only the records that no longer read back intact. Bad
 inputs are converted or skipped and listed in ``<cache_dir>/report.json``; ``--strict`` makes any of them an
-error before anything is written.
+error before anything is written. `flux-jax train` runs the same build itself when it finds no complete cache;
+this command builds it ahead (e.g. on other machines, or to read the report before training).
 """
 
 from __future__ import annotations
@@ -35,26 +36,10 @@ def run(args: argparse.Namespace) -> int:
     # TensorFlow (imported by TFDS to write records) logs its CPU feature banner otherwise.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from flux_jax.data.cache import REPORT_JSON, build_cache
+    from flux_jax.data.cache import build_cache
     from flux_jax.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
     summary = build_cache(cfg, strict=args.strict or None, force=args.force, progress=not args.no_progress)
-    print(summary.report.summary())
-    if summary.up_to_date:
-        print(f"cache {summary.cache_dir} is up to date ({summary.records} records)")
-        return 0
-    if summary.damaged:
-        shown = ", ".join(summary.damaged[:3]) + (
-            f" and {len(summary.damaged) - 3} more" if len(summary.damaged) > 3 else ""
-        )
-        print(
-            f"repaired the damaged cache in {summary.cache_dir} ({shown}): {summary.encoded} of {summary.records} "
-            "records encoded again" + (", the others kept" if summary.encoded < summary.records else "")
-        )
-    buckets = ", ".join(map(str, summary.buckets))
-    print(
-        f"cached {summary.records} records ({summary.encoded} encoded now in {summary.seconds:.1f} s, compilation "
-        f"included) in buckets {buckets} to {summary.cache_dir}; report: {summary.cache_dir / REPORT_JSON}"
-    )
+    print(summary.describe())
     return 0

@@ -1,4 +1,8 @@
-"""`flux-jax train --config FILE [key=value ...]`: train a LoRA; resumes from output_dir automatically."""
+"""`flux-jax train --config FILE [key=value ...]`: train a LoRA; resumes from output_dir automatically.
+
+Images without a complete latent cache are cached first, as `flux-jax cache` would (an interrupted cache is
+continued); a complete cache built from other data or settings, or a damaged one, is refused, never replaced.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
     distributed.initialize(args.distributed)
 
     import logging
+    import os
+
+    # TensorFlow (imported by TFDS, which reads the latent cache and writes it when train caches first) logs its CPU
+    # feature banner otherwise.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from flux_jax.run_config import load_config
     from flux_jax.train.loop import train

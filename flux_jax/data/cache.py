@@ -27,6 +27,9 @@ encoded again, and a new dataset is written beside the old one (``tfds`` <-> ``t
 by cache.json's atomic rewrite, so a repair that dies leaves the damaged cache to repair again, never a mix. A
 cache written before file tables existed is verified by reading every record, then given its table.
 
+`flux-jax cache` runs `build_cache`; `flux-jax train` runs it too, through `build_missing_cache`, when the cache
+is not complete yet (a complete one it only checks, and refuses if it is damaged or built from other data).
+
 On several hosts every process scans the data, all of them step through the same batches (each encodes its rows
 of every global batch and writes its own chunks) and process 0 finalizes, so ``cache_dir`` must be on a
 filesystem every host sees.
@@ -209,6 +212,26 @@ class CacheSummary:
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds > 0 else float("nan")
 
+    def describe(self) -> str:
+        """The report `flux-jax cache` prints (and `flux-jax train` logs when it built the cache itself): the
+        bad-data summary, then what was done."""
+        lines = [self.report.summary()]
+        if self.up_to_date:
+            return "\n".join([*lines, f"cache {self.cache_dir} is up to date ({self.records} records)"])
+        if self.damaged:
+            more = len(self.damaged) - 3
+            shown = ", ".join(self.damaged[:3]) + (f" and {more} more" if more > 0 else "")
+            lines.append(
+                f"repaired the damaged cache in {self.cache_dir} ({shown}): {self.encoded} of {self.records} "
+                "records encoded again" + (", the others kept" if self.encoded < self.records else "")
+            )
+        lines.append(
+            f"cached {self.records} records ({self.encoded} encoded now in {self.seconds:.1f} s, compilation "
+            f"included) in buckets {', '.join(map(str, self.buckets))} to {self.cache_dir}; report: "
+            f"{self.cache_dir / REPORT_JSON}"
+        )
+        return "\n".join(lines)
+
 
 def _settings(cfg: Any, spec: BucketSpec, encoder_identity: Any) -> dict[str, Any]:
     d = cfg.data
@@ -314,11 +337,13 @@ def build_cache(
     progress: bool = True,
     encoders: Any = None,
     on_batch: Callable[[int], None] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> CacheSummary:
     """Build (or finish) the cache for a `RunConfig`; see the module docstring.
 
     ``encoders``: an already loaded `encoding.FluxEncoders` for the paths this config names (benchmarks and
-    tests build several caches with one); by default they are loaded here and released on return.
+    tests build several caches with one); by default they are loaded here, on ``cfg.mesh`` over ``devices``
+    (default: every device; the trainer passes its own), and released on return.
     ``on_batch(n)`` is called after each chunk is written (progress hooks, and the interruption tests)."""
     import jax
 
@@ -384,7 +409,7 @@ def build_cache(
     enc = cfg.encoders
     if encoders is None:
         encoders = FluxEncoders.load(
-            paths, mesh=make_mesh(*cfg.mesh.shape), dtype=enc.dtype, t5_max_length=enc.t5_max_length
+            paths, mesh=make_mesh(*cfg.mesh.shape, devices=devices), dtype=enc.dtype, t5_max_length=enc.t5_max_length
         )
     elif (encoders.paths, encoders.dtype, encoders.t5_max_length) != (paths, enc.dtype, enc.t5_max_length):
         raise FluxJaxError("build_cache: the given encoders were not loaded from this config's encoders section")
@@ -436,6 +461,54 @@ def build_cache(
         )
     _barrier("flux_jax_cache_done")
     return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets, damaged=damaged)
+
+
+def build_missing_cache(
+    cfg: Any, *, progress: bool = True, devices: Sequence[Any] | None = None
+) -> CacheSummary | None:
+    """The trainer's cache step: `build_cache` with ``cfg``'s settings (exactly what `flux-jax cache` runs) when
+    the cache dir holds no complete cache (no cache.json), so an empty dir is built and a partial cache left by
+    an interrupted build is continued, not restarted; None, with nothing done, when cache.json is there.
+
+    A complete cache is left to the trainer's checks (`LatentCacheReader`, `check_built_from`), which refuse
+    one built from other data or settings, and a damaged one, naming the `flux-jax cache` command that fixes
+    it: the trainer never rebuilds or repairs a complete cache itself. Replacing one silently would throw away
+    an expensive encode the user may still want (another run's data, a typo in data.path); reusing it would
+    train on the wrong data; and damage to a finished cache is worth a look at the disk before re-encoding.
+
+    On several processes every one must call this, as every host runs `flux-jax cache`: the build is collective
+    (each process encodes its rows of every global batch into its own chunk files, process 0 alone writes the
+    dataset and cache.json, with barriers between), so ``cache_dir`` must be on a filesystem all hosts see, and
+    all processes must take the same branch here: process 0's look at cache.json decides for everyone (a host
+    that looked a moment later could see the file another run just finished and skip the collectives)."""
+    cache_dir = resolve_cache_dir(cfg)
+    missing = bool(_broadcast(np.asarray([not (cache_dir / CACHE_JSON).is_file()], np.int32))[0])
+    if not missing:
+        return None
+    from flux_jax.data.encoding import demo_stamp
+
+    if cfg.model.base and demo_stamp(cfg) is not None:
+        # The generated demo encoders are random and sized for a model.preset base; a cache made with them can
+        # only fail the trainer's width check later, after encoding, and would then block the right cache.
+        raise ConfigError(
+            f"{cache_dir}: no complete cache to train on, and no encoders are configured to build it with; set "
+            "encoders.root to the base's FLUX.1 download (e.g. black-forest-labs/FLUX.1-dev)",
+            key="encoders.root",
+        )
+    import jax
+
+    main = jax.process_index() == 0
+    if main:
+        log.info(
+            "no complete latent cache in %s: caching %s first, as `flux-jax cache` does (resumable; report: %s)",
+            cache_dir,
+            cfg.data.path,
+            cache_dir / REPORT_JSON,
+        )
+    summary = build_cache(cfg, progress=progress, devices=devices)
+    if main:
+        log.info("%s", summary.describe())
+    return summary
 
 
 def _barrier(name: str) -> None:
@@ -599,8 +672,8 @@ def _open_work_dir(work: Path, fingerprint: str, settings: dict[str, Any], proce
     if marker.is_file():
         if json.loads(marker.read_text()).get("fingerprint") != fingerprint:
             raise DataError(
-                f"{work}: holds a partial cache made with other settings or encoders; run with --force to "
-                "discard it, or set data.cache_dir to another directory"
+                f"{work}: holds a partial cache made with other settings or encoders; `flux-jax cache --force` "
+                "discards it, or set data.cache_dir to another directory"
             )
     elif process == 0:
         work.mkdir(parents=True, exist_ok=True)

@@ -5,15 +5,19 @@
 - anything else: the latent cache of ``flux-jax cache`` (``flux_jax.data.pipeline``: grain, buckets, repeats,
   caption dropout), found from ``data.path`` / ``data.cache_dir``.
 
-Opening validates the dataset, so a bad path fails before the (possibly 12B-parameter) base is built.
+Opening validates the dataset, so a bad path fails before the (possibly 12B-parameter) base is built. Before
+opening, `prepare_train_data` builds the latent cache when images have none complete yet (`flux-jax train`
+caches first, exactly as `flux-jax cache` would).
 """
 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 
 import jax
 
+from flux_jax.data.cache import CacheSummary, build_missing_cache
 from flux_jax.data.examples import (
     INDEX_NAME,
     BatchIterator,
@@ -31,6 +35,17 @@ from flux_jax.run_config import RunConfig
 def needs_model(cfg: RunConfig) -> bool:
     """Whether the input can only be opened once the model's dimensions are known (the synthetic set)."""
     return cfg.data.synthetic
+
+
+def prepare_train_data(
+    cfg: RunConfig, *, progress: bool = True, devices: Sequence[jax.Device] | None = None
+) -> CacheSummary | None:
+    """Build what `open_train_data` reads when it is missing: the latent cache of images whose cache is not
+    complete (`cache.build_missing_cache`: a partial one is continued; a complete one is left to the checks of
+    `open_train_data`). None when nothing was built: the synthetic set, cached examples, a complete cache."""
+    if cfg.data.synthetic or (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
+        return None
+    return build_missing_cache(cfg, progress=progress, devices=devices)
 
 
 def open_train_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tuple[DataIterator, ExampleSource]:

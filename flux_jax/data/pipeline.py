@@ -236,8 +236,9 @@ class TrainIterator:
 
 
 def make_train_iterator(cfg: Any, *, process_index: int, process_count: int, batch_size_per_host: int) -> TrainIterator:
-    """The iterator over ``cfg``'s latent cache (`resolve_cache_dir`); run `flux-jax cache` first. Refuses a
-    damaged cache (`LatentCacheReader`) and one built from other data or settings (`cache.check_built_from`)."""
+    """The iterator over ``cfg``'s complete latent cache (`resolve_cache_dir`; built by `flux-jax cache`, or by the
+    trainer's `inputs.prepare_train_data` just before). Refuses a damaged cache (`LatentCacheReader`) and one
+    built from other data or settings (`cache.check_built_from`)."""
     cache_dir = resolve_cache_dir(cfg)
     cache = LatentCacheReader(cache_dir)
     check_built_from(cfg, cache_dir, cache.info)

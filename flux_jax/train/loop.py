@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import pathlib
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from flux_jax.data.examples import (
     DataIterator,
 )
-from flux_jax.data.inputs import check_fits, needs_model, open_train_data
+from flux_jax.data.inputs import check_fits, needs_model, open_train_data, prepare_train_data
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.hardware import peak_flops
 from flux_jax.model.config import FluxConfig
@@ -383,9 +384,14 @@ def setup(
         lease = take_lease(run_dir)
         if lease is not None:
             undo.callback(lease.release)
-        # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built.
-        data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
+        # Everything that can fail fast is checked before the (possibly 12B-parameter) base is built, and the
+        # cheap checks before caching (which can take hours on a large folder).
         validation_inputs = check_validation(cfg)
+        # Images without a complete latent cache are cached first (what `flux-jax cache` does, on every process:
+        # the build is collective); the encoders are freed before the base arrives.
+        if prepare_train_data(cfg, progress=progress, devices=devices) is not None:
+            gc.collect()  # T5-XXL is ~9 GB in bf16; the encoders' arrays go with their modules' reference cycles
+        data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
         checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
         undo.callback(checkpointer.close)
         latest = checkpointer.latest_step()

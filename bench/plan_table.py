@@ -5,10 +5,10 @@
 For each row (slice x resolution x base dtype) it runs `flux-jax plan --config configs/dev2pro_lora.yaml
 --mesh configs/mesh/<slice>.yaml --topology <slice> --resolution PX model.base_dtype=DTYPE` in a child process
 and prints a markdown table of: the mesh and batch per chip (from the slice's mesh config), per-chip HBM of the run
-(one step, and validation's when the config has it on) against capacity, fits or not, the step's matmul FLOPs per
-chip (every scanned layer counted) and those FLOPs at the chip's peak FLOP/s (a floor for s/step: 100% MFU), the
-planner's time estimate (max(compute, HBM traffic) + exposed collectives, per chip) and the bytes a chip sends over
-ICI per step.
+(one step, and validation's when the config has it on) against capacity, the step's own HBM, fits or not, the
+step's matmul FLOPs per chip (every scanned layer counted) and those FLOPs at the chip's peak FLOP/s (a floor for
+s/step: 100% MFU), the planner's time estimate (max(compute, HBM traffic) + exposed collectives, per chip) and the
+bytes a chip sends over ICI per step.
 Results are appended to --results as JSON lines and reused on the next run, so an interrupted table resumes
 (full-size compiles take minutes each); --fresh ignores them. Rows planned before the estimate existed show "-".
 Needs libtpu (the tpu extra); no TPU.
@@ -81,8 +81,8 @@ def _gb(x: float | None) -> str:
 
 def markdown(results: dict[str, dict]) -> str:
     head = ("| slice | px | base | mesh (data x fsdp x tensor) | batch / chip | remat | attention | "
-            "HBM / chip (GiB) | fits | TFLOP / chip / step | s/step at peak (floor) | s/step estimate | "
-            "ICI GB / chip / step | compile (s) |")  # fmt: skip
+            "HBM / chip (GiB) | step alone (GiB) | fits | TFLOP / chip / step | s/step at peak (floor) | "
+            "s/step estimate | ICI GB / chip / step | compile (s) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in table_rows():
         r = results.get(key(row))
@@ -90,7 +90,7 @@ def markdown(results: dict[str, dict]) -> str:
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {slice_name} | {resolution} | {dtype} | | | | | | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {slice_name} | {resolution} | {dtype} | | | | | | error: {r['error'][:80]} | | | | | | |")
             continue
         p = r["plan"]
         mesh = " x ".join(str(v) for v in p["mesh"].values())
@@ -98,6 +98,7 @@ def markdown(results: dict[str, dict]) -> str:
         mem = p["memory"]
         total = p.get("total", mem["total"])  # results from before validation planning have no run total
         used = f"{_gib(total)} / {_gib(p['capacity'])}" + (" (compiler)" if mem["from_compiler_error"] else "")
+        step_alone = _gib(mem["total"])  # the step's own compile; the run adds validation's memory when it is on
         fits = "yes" if p["fits"] else "**no**"
         tflop = "-" if p["flops"] is None else f"{p['flops'] / 1e12:.0f}"
         # Results from before the time estimate lack its fields.
@@ -106,7 +107,7 @@ def markdown(results: dict[str, dict]) -> str:
         remat = p.get("remat", "-") + (" (auto)" if p.get("remat_options") else "")
         kernel = f"{p.get('attention', '-')}"
         lines.append(f"| {slice_name} | {resolution} | {dtype} | {mesh} | {per_chip:g} | {remat} | {kernel} | {used} | "
-                     f"{fits} | {times} |")  # fmt: skip
+                     f"{step_alone} | {fits} | {times} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -30,9 +30,12 @@ cache written before file tables existed is verified by reading every record, th
 `flux-jax cache` runs `build_cache`; `flux-jax train` runs it too, through `build_missing_cache`, when the cache
 is not complete yet (a complete one it only checks, and refuses if it is damaged or built from other data).
 
-On several hosts every process scans the data, all of them step through the same batches (each encodes its rows
-of every global batch and writes its own chunks) and process 0 finalizes, so ``cache_dir`` must be on a
-filesystem every host sees.
+On several hosts (`scan_shared`) each process scans, decodes and encodes only its `share` of the examples (a
+contiguous 1/N of the source's indices); the processes exchange the small per-example facts of the scan (names,
+sizes, buckets, captions, digests, problems) so that all lay out the same items and report as one host would, then
+step through the same global batches, each filling its rows with examples of its own share (`_plan_shared`) and
+writing its own chunks; process 0 finalizes. The cache is record for record the one a single host builds (the
+records are in item order, whoever encoded them), and ``cache_dir`` must be on a filesystem every host sees.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,53 +133,108 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+def _look(source: Source, data: Any, spec: BucketSpec, index: int) -> list[Any]:
+    """What the scan learns of example ``index``, as plain JSON values (hosts exchange them on a pod):
+    ``["bad", key, reason, detail]``, or ``["ok", key, repeats, caption, [w, h], [[side, bucket id], ...],
+    conversions, digest]``."""
+    bucket_ids = {b: i for i, b in enumerate(spec.all_buckets)}
+    try:
+        raw = source[index]
+        image = decode_image(raw.image, max_pixels=data.max_image_pixels)
+        placed = spec.assign(*image.size)
+        conversions = list(image.conversions)
+        try:
+            caption = decode_caption(raw.caption)
+        except BadExample as e:
+            if e.reason not in (CAPTION_MISSING, CAPTION_EMPTY) or data.missing_caption != "empty":
+                raise
+            caption = ""
+            conversions.append(EMPTY_CAPTION_USED)
+    except BadExample as e:
+        return ["bad", source.key(index), e.reason, e.detail]
+    raw_bytes = raw.image if isinstance(raw.image, bytes) else np.ascontiguousarray(raw.image).tobytes()
+    digest = hashlib.blake2b(raw_bytes + b"\0" + caption.encode("utf-8"), digest_size=12).hexdigest()
+    sides = [[side, bucket_ids[bucket]] for side, bucket in placed]
+    return ["ok", raw.key, raw.repeats, caption, list(image.size), sides, conversions, digest]
+
+
+def _look_range(source: Source, data: Any, spec: BucketSpec, indices: range, threads: int | None) -> list[list[Any]]:
+    with concurrent.futures.ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda i: _look(source, data, spec, i), indices))
+
+
+def _lay_out(
+    source: Source, data: Any, spec: BucketSpec, looks: Sequence[list[Any]]
+) -> tuple[list[WorkItem], DataReport]:
+    """Items and report from every example's `_look`, in index order: the same on every host."""
+    report = DataReport(total=len(source) + len(source.problems))
+    for reason, name, detail in source.problems:
+        report.skip(reason, name, detail)
+    buckets = spec.all_buckets
+    items: list[WorkItem] = []
+    group = 0
+    for index, look in enumerate(looks):
+        if look[0] == "bad":
+            _, key, reason, detail = look
+            report.skip(reason, key, detail)
+            continue
+        _, key, repeats, caption, (w, h), placed, conversions, digest = look
+        report.used += 1
+        for reason in conversions:
+            report.convert(reason, key)
+        for side, bucket_id in placed:
+            for variant, box, flipped in _variants(data, key, w, h, side, buckets[bucket_id]):
+                item_id = f"{digest}-{side}-{variant}-{int(flipped)}"
+                items.append(WorkItem(item_id, index, key, caption, repeats, bucket_id, group, box, flipped))
+            group += 1
+    return items, report
+
+
 def scan(
     source: Source, data: Any, spec: BucketSpec, *, threads: int | None = None
 ) -> tuple[list[WorkItem], DataReport]:
     """Decode every example, place it in its buckets and lay out its records; report everything refused."""
-    report = DataReport(total=len(source) + len(source.problems))
-    for reason, name, detail in source.problems:
-        report.skip(reason, name, detail)
-    bucket_ids = {b: i for i, b in enumerate(spec.all_buckets)}
+    return _lay_out(source, data, spec, _look_range(source, data, spec, range(len(source)), threads))
 
-    def look(index: int) -> tuple[int, Any]:
-        try:
-            raw = source[index]
-            image = decode_image(raw.image, max_pixels=data.max_image_pixels)
-            placed = spec.assign(*image.size)
-            conversions = list(image.conversions)
-            try:
-                caption = decode_caption(raw.caption)
-            except BadExample as e:
-                if e.reason not in (CAPTION_MISSING, CAPTION_EMPTY) or data.missing_caption != "empty":
-                    raise
-                caption = ""
-                conversions.append(EMPTY_CAPTION_USED)
-        except BadExample as e:
-            return index, e
-        raw_bytes = raw.image if isinstance(raw.image, bytes) else np.ascontiguousarray(raw.image).tobytes()
-        digest = hashlib.blake2b(raw_bytes + b"\0" + caption.encode("utf-8"), digest_size=12).hexdigest()
-        return index, (raw.key, raw.repeats, caption, image.size, placed, conversions, digest)
 
-    items: list[WorkItem] = []
-    group = 0
-    with concurrent.futures.ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
-        for index, result in pool.map(look, range(len(source))):
-            if isinstance(result, BadExample):
-                report.skip(result.reason, source.key(index), result.detail)
-                continue
-            key, repeats, caption, (w, h), placed, conversions, digest = result
-            report.used += 1
-            for reason in conversions:
-                report.convert(reason, key)
-            for side, bucket in placed:
-                for variant, box, flipped in _variants(data, key, w, h, side, bucket):
-                    item_id = f"{digest}-{side}-{variant}-{int(flipped)}"
-                    items.append(
-                        WorkItem(item_id, index, key, caption, repeats, bucket_ids[bucket], group, box, flipped)
-                    )
-                group += 1
-    return items, report
+def share(n: int, process: int, processes: int) -> range:
+    """The examples (source indices) process ``process`` of ``processes`` scans, decodes and encodes: a
+    contiguous 1/N of the index range, so a host reads whole runs of files (or shards) and no other host does."""
+    return range(n * process // processes, n * (process + 1) // processes)
+
+
+def scan_shared(
+    source: Source, data: Any, spec: BucketSpec, *, threads: int | None = None
+) -> tuple[list[WorkItem], DataReport]:
+    """`scan` over several processes: each decodes only its `share` of the examples, then all exchange what they
+    learnt (names, sizes, buckets, captions, problems: no pixels) and lay out the same items and report, equal to
+    a one-process `scan` of the same data. Every process must call it. On one process it is `scan`."""
+    import jax
+
+    process, processes = jax.process_index(), jax.process_count()
+    if processes == 1:
+        return scan(source, data, spec, threads=threads)
+    mine = share(len(source), process, processes)
+    looks = _look_range(source, data, spec, mine, threads)
+    log.info("process %d of %d: scanned inputs %d..%d of %d", process, processes, mine.start, mine.stop, len(source))
+    looks_everywhere = _all_gather_json(looks)
+    everything = [look for part in looks_everywhere for look in part]
+    if len(everything) != len(source):
+        raise FluxJaxError(f"the hosts scanned {len(everything)} examples of {len(source)}: do they see the same data?")
+    return _lay_out(source, data, spec, everything)
+
+
+def _all_gather_json(value: Any) -> list[Any]:
+    """Every process's JSON ``value``, in process order (zlib-compressed bytes through one all-gather of the
+    lengths and one of the padded payloads)."""
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(zlib.compress(json.dumps(value).encode("utf-8")), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(zlib.decompress(row[: int(n)].tobytes())) for row, n in zip(gathered, lengths, strict=True)]
 
 
 def _variants(
@@ -355,7 +414,7 @@ def build_cache(
     source_digest = source.fingerprint()
     spec = BucketSpec.from_config(cfg.data)
     cache_dir = resolve_cache_dir(cfg)
-    items, report = scan(source, cfg.data, spec)
+    items, report = scan_shared(source, cfg.data, spec)
     if strict:
         report.raise_if_strict(source.describe())
     if not items:
@@ -421,13 +480,14 @@ def build_cache(
     start = time.perf_counter()
     seq = _next_seq(work, process)
     buckets = spec.all_buckets
+    owners = [share(len(source), p, processes) for p in range(processes)]
     with tqdm(total=len(pending), unit="img", desc="encoding", disable=not progress or process != 0) as bar:
-        for batch, pad in _plan(pending, global_batch):
+        for bucket, batch in _plan_shared(pending, owners, global_batch):
             rows = global_batch // processes
-            local, local_pad = batch[process * rows : (process + 1) * rows], pad[process * rows : (process + 1) * rows]
-            images = _render_batch(source, cfg.data, local, buckets)
-            out = encoders.encode(images, [it.caption for it in local], global_batch)
-            keep = [j for j, is_pad in enumerate(local_pad) if not is_pad]
+            local = batch[process * rows : (process + 1) * rows]
+            images = _render_rows(source, cfg.data, local, buckets, bucket)
+            out = encoders.encode(images, [it.caption if it else "" for it in local], global_batch)
+            keep = [j for j, it in enumerate(local) if it is not None]
             _check_finite(out, [local[j].key for j in keep], keep)
             if keep:
                 save_file(
@@ -436,7 +496,7 @@ def build_cache(
                     metadata={"items": json.dumps([local[j].id for j in keep])},
                 )
                 seq += 1
-            bar.update(sum(1 for p in pad if not p))
+            bar.update(sum(1 for it in batch if it is not None))
             if on_batch is not None:
                 on_batch(len(keep))
     seconds = time.perf_counter() - start
@@ -711,19 +771,6 @@ def _next_seq(work: Path, process: int) -> int:
     return max(seqs, default=-1) + 1
 
 
-def _plan(items: Sequence[WorkItem], global_batch: int) -> Iterator[tuple[list[WorkItem], list[bool]]]:
-    """Full batches of one bucket each; a bucket's last batch is padded with its own first item (flagged)."""
-    by_bucket: dict[int, list[WorkItem]] = {}
-    for it in items:
-        by_bucket.setdefault(it.bucket, []).append(it)
-    for bucket in sorted(by_bucket):
-        members = by_bucket[bucket]
-        for start in range(0, len(members), global_batch):
-            batch = members[start : start + global_batch]
-            pad = [False] * len(batch) + [True] * (global_batch - len(batch))
-            yield batch + [batch[0]] * (global_batch - len(batch)), pad
-
-
 def _render_batch(source: Source, data: Any, items: Sequence[WorkItem], buckets: Sequence[Bucket]) -> np.ndarray:
     def one(it: WorkItem) -> np.ndarray:
         try:
@@ -734,6 +781,39 @@ def _render_batch(source: Source, data: Any, items: Sequence[WorkItem], buckets:
 
     with concurrent.futures.ThreadPoolExecutor(min(len(items), os.cpu_count() or 1)) as pool:
         return np.stack(list(pool.map(one, items)))
+
+
+def _plan_shared(
+    pending: Sequence[WorkItem], owners: Sequence[range], global_batch: int
+) -> Iterator[tuple[int, list[WorkItem | None]]]:
+    """(bucket, rows) of the global batches that encode ``pending``, one bucket each, where process ``p`` (rows
+    ``[p*b, (p+1)*b)`` of every batch) gets only items of its share ``owners[p]`` of the source: a bucket takes
+    as many batches as its largest share needs, and rows with nothing left to encode are None (padding). Every
+    process computes the same plan; on one process it is `_plan` with its padding left empty."""
+    rows = global_batch // len(owners)
+    starts = [r.start for r in owners]
+    by_bucket: dict[int, list[list[WorkItem]]] = {}
+    for it in pending:
+        by_bucket.setdefault(it.bucket, [[] for _ in owners])[bisect.bisect_right(starts, it.index) - 1].append(it)
+    for bucket in sorted(by_bucket):
+        parts = by_bucket[bucket]
+        for start in range(0, max(len(part) for part in parts), rows):
+            batch: list[WorkItem | None] = []
+            for part in parts:
+                mine = part[start : start + rows]
+                batch += [*mine, *[None] * (rows - len(mine))]
+            yield bucket, batch
+
+
+def _render_rows(
+    source: Source, data: Any, items: Sequence[WorkItem | None], buckets: Sequence[Bucket], bucket: int
+) -> np.ndarray:
+    """`_render_batch` where padding rows (None) are black images of the batch's bucket (a host with nothing of
+    this bucket left still takes part in the collective encode, with padding only)."""
+    real = [it for it in items if it is not None]
+    rendered = iter(_render_batch(source, data, real, buckets) if real else ())
+    pad = np.zeros((buckets[bucket].height, buckets[bucket].width, 3), np.float32)
+    return np.stack([next(rendered) if it is not None else pad for it in items])
 
 
 def _check_finite(out: dict[str, np.ndarray], names: Sequence[str], rows: Sequence[int]) -> None:

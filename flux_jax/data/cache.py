@@ -537,8 +537,8 @@ def build_missing_cache(
     train on the wrong data; and damage to a finished cache is worth a look at the disk before re-encoding.
 
     On several processes every one must call this, as every host runs `flux-jax cache`: the build is collective
-    (each process encodes its rows of every global batch into its own chunk files, process 0 alone writes the
-    dataset and cache.json, with barriers between), so ``cache_dir`` must be on a filesystem all hosts see, and
+    (each process scans and encodes its `share` of the examples into its own chunk files, process 0 alone writes
+    the dataset and cache.json, with barriers between), so ``cache_dir`` must be on a filesystem all hosts see, and
     all processes must take the same branch here: process 0's look at cache.json decides for everyone (a host
     that looked a moment later could see the file another run just finished and skip the collectives)."""
     cache_dir = resolve_cache_dir(cfg)

@@ -13,6 +13,7 @@ step arguments and their forward passes part of the step's memory and FLOPs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -128,6 +129,9 @@ def abstract_step(
         t5_config, clip_config, note = text_tower_configs(cfg)
         text, encoders = abstract_text_towers(t5_config, clip_config, mesh=mesh, rules=rules, dtype=cfg.encoders.dtype)
         notes += [] if note is None else [note]
+        per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(encoders))
+        notes.append(f"encoders.online: the step runs T5 and CLIP ({per_chip / 2**30:.3f} GiB of their weights per "
+                     "chip, in its arguments; their forward passes in its FLOPs)")  # fmt: skip
     tx = build_optimizer(cfg.optim, cfg.train.steps)
     ema = cfg.optim.ema_decay is not None
     shardings = state_shardings_for(tx, lora, mesh, ema=ema)

@@ -194,6 +194,11 @@ class EncodersConfig:
     batch_size: int = 8
     """Global encode batch; rounded up to a multiple of the mesh's batch devices."""
     demo_seed: int = 0
+    online: bool = False
+    """Encode the captions inside the training step instead of once into the cache: the cache then holds latents
+    and T5 / CLIP token ids only, and T5 / CLIP run frozen (weights sharded on the mesh, no gradients) in every
+    step, their states rounded to the dtypes the cache would store them in (T5 bf16, CLIP fp32) so both ways train
+    the same LoRA. A cache of one kind is refused by a run of the other."""
 
     def __post_init__(self) -> None:
         _require(self.t5_max_length >= 1, "t5_max_length", f"must be >= 1, got {self.t5_max_length}")

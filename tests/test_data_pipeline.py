@@ -36,8 +36,8 @@ class FakeCache:
         self.record_group = np.asarray(group)
         self.record_repeats = np.asarray(repeats)
         self.fingerprint = "fake-" + str(len(bucket))
-        self.empty_t5 = np.full((T5_LEN, T5_DIM), -1.0, np.float32)
-        self.empty_clip = np.full((CLIP_DIM,), -1.0, np.float32)
+        self.online = False
+        self.empty = {"t5": np.full((T5_LEN, T5_DIM), -1.0, np.float32), "clip": np.full((CLIP_DIM,), -1.0, np.float32)}
         self.reads = 0
 
     def read_many(self, indices):

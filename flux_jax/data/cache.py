@@ -6,7 +6,8 @@ A cache directory holds::
                               fingerprint, the source's fingerprint, bucket table, a per-record index (bucket,
                               group, repeats) and the file table (size and CRC-32 of every file, `cache_files`).
   report.json                 the bad-data report (counts and file names per reason)
-  empty_caption.safetensors   T5 and CLIP of the empty caption (caption dropout swaps these in)
+  empty_caption.safetensors   T5 and CLIP of the empty caption (caption dropout swaps these in); with
+                              ``encoders.online``, its T5 and CLIP token ids
   tfds/flux_jax_latent_cache/1.0.0/   the records (`tfds_builders.LatentCache`); ``tfds-repaired/`` after a repair
   work/                       while encoding: fingerprint.json and one chunk file per encoded batch and host
   demo_encoders/              the generated tiny encoders, when no encoders are configured
@@ -19,6 +20,10 @@ chunks in a fixed order (the same whether or not the run was interrupted), the r
 finally cache.json, then drop the chunks. Augmentation is decided per example id here: each random crop (and
 its mirror) is its own record, and the pipeline picks one record of a group per appearance. Read a complete
 cache with `cache_reader.LatentCacheReader`.
+
+With ``encoders.online`` a record holds ``t5_ids`` / ``clip_ids`` (int32 token ids) instead of the ``t5`` / ``clip``
+states (the trainer encodes them in its step); the settings record ``online``, so neither kind of cache is ever
+taken for the other (`check_cache_kind`).
 
 Re-running on a complete cache checks it (`cache_files`: every file's size and CRC-32); a damaged cache (a
 file deleted, truncated or changed) is repaired: the records that still read back intact (every record of an
@@ -307,7 +312,33 @@ def _settings(cfg: Any, spec: BucketSpec, encoder_identity: Any) -> dict[str, An
         "t5_max_length": cfg.encoders.t5_max_length,
         "encoder_dtype": cfg.encoders.dtype,
         "encoders": encoder_identity,
+        # Recorded only when set, so the fingerprint of every cache of text states stays what it was.
+        **({"online": True} if cfg.encoders.online else {}),
     }
+
+
+STATE_FIELDS = ("t5", "clip")
+TOKEN_FIELDS = ("t5_ids", "clip_ids")
+
+
+def text_fields(online: bool) -> tuple[str, str]:
+    """A record's text fields: the T5 / CLIP token ids of an online cache, else their states."""
+    return TOKEN_FIELDS if online else STATE_FIELDS
+
+
+def _kind(online: bool) -> str:
+    return "T5 / CLIP token ids (encoders.online: true)" if online else "T5 / CLIP states (encoders.online: false)"
+
+
+def check_cache_kind(cfg: Any, cache_dir: Path, info: dict[str, Any]) -> None:
+    """A cache of text states is never read as one of token ids, nor the other way round: one line saying so."""
+    theirs = bool((info.get("settings") or {}).get("online", False))
+    if theirs != bool(cfg.encoders.online):
+        raise DataError(
+            f"{cache_dir}: this cache holds {_kind(theirs)}, this config needs {_kind(cfg.encoders.online)}; set "
+            f"encoders.online: {str(theirs).lower()}, or set data.cache_dir to another directory (or run `flux-jax "
+            "cache --force` to replace this cache)"
+        )
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -342,6 +373,7 @@ def check_built_from(cfg: Any, cache_dir: Path, info: dict[str, Any]) -> None:
     named by path are compared only when their files are on this machine (training does not need them)."""
     from flux_jax.data.encoding import demo_stamp, resolve_encoder_paths
 
+    check_cache_kind(cfg, cache_dir, info)
     identity: Any = demo_stamp(cfg)
     if identity is None:
         try:
@@ -433,6 +465,7 @@ def build_cache(
     damaged: tuple[str, ...] = ()
     if done_marker.is_file():
         info = _read_info(done_marker)
+        check_cache_kind(cfg, cache_dir, info)
         if info.get("fingerprint") != fingerprint or info.get("items_digest") != digest:
             raise DataError(
                 f"{cache_dir}: a complete cache built from other data or settings is there; run with --force to "
@@ -486,7 +519,11 @@ def build_cache(
             rows = global_batch // processes
             local = batch[process * rows : (process + 1) * rows]
             images = _render_rows(source, cfg.data, local, buckets, bucket)
-            out = encoders.encode(images, [it.caption if it else "" for it in local], global_batch)
+            captions = [it.caption if it else "" for it in local]
+            if enc.online:  # token ids only: the trainer runs T5 and CLIP in its step
+                out = {"latents": encoders.encode_images(images, global_batch), **encoders.tokens(captions)}
+            else:
+                out = encoders.encode(images, captions, global_batch)
             keep = [j for j, it in enumerate(local) if it is not None]
             _check_finite(out, [local[j].key for j in keep], keep)
             if keep:
@@ -503,7 +540,7 @@ def build_cache(
     _barrier("flux_jax_cache_encoded")
     # A collective on the mesh, so every process runs it; process 0 writes it.
     rows = global_batch // processes
-    empty = encoders.encode_text([""] * rows, global_batch)
+    empty = encoders.tokens([""]) if enc.online else encoders.encode_text([""] * rows, global_batch)
     if process == 0:
         _finalize(
             cache_dir,
@@ -518,6 +555,7 @@ def build_cache(
             source.describe(),
             source_digest,
             kept if kept is not None and kept.intact.any() else None,
+            online=enc.online,
         )
     _barrier("flux_jax_cache_done")
     return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets, damaged=damaged)
@@ -754,7 +792,7 @@ def _done_items(work: Path) -> dict[str, tuple[Path, int]]:
         try:
             with SafetensorsFile(chunk) as f:
                 ids = json.loads(f.metadata["items"])
-                rows = {f.info(name).shape[0] for name in ("latents", "t5", "clip")}
+                rows = {f.info(name).shape[0] for name in f.keys()}
             if rows != {len(ids)}:
                 raise FluxJaxError(f"{len(ids)} ids for {rows} rows")
         except (FluxJaxError, KeyError, ValueError) as e:
@@ -825,11 +863,20 @@ def _check_finite(out: dict[str, np.ndarray], names: Sequence[str], rows: Sequen
             )
 
 
+def record_bytes(shapes: dict[str, int], tokens: int) -> int:
+    """The tensors of one record of ``tokens`` latent tokens: bf16 latents, then bf16 T5 states and the fp32
+    CLIP pooled vector, or (online) int32 T5 and CLIP token ids."""
+    if "clip_length" in shapes:
+        text = 4 * (shapes["t5_length"] + shapes["clip_length"])
+    else:
+        text = 2 * shapes["t5_length"] * shapes["t5_dim"] + 4 * shapes["clip_dim"]
+    return 2 * shapes["latent_dim"] * tokens + text
+
+
 def _num_shards(items: Sequence[WorkItem], spec: BucketSpec, shapes: dict[str, int]) -> int:
-    """Shards of about `SHARD_BYTES`, from the records' sizes (bf16 latents and T5 states, fp32 CLIP)."""
+    """Shards of about `SHARD_BYTES`, from the records' sizes (`record_bytes`)."""
     buckets = spec.all_buckets
-    text = 2 * shapes["t5_length"] * shapes["t5_dim"] + 4 * shapes["clip_dim"] + 64  # + the small fields
-    total = sum(2 * shapes["latent_dim"] * math.prod(buckets[it.bucket].tokens) + text for it in items)
+    total = sum(record_bytes(shapes, math.prod(buckets[it.bucket].tokens)) + 64 for it in items)  # + small fields
     return max(1, min(len(items), -(-total // SHARD_BYTES)))
 
 
@@ -846,6 +893,7 @@ def _finalize(
     description: str,
     source_digest: str,
     kept: _Kept | None = None,
+    online: bool = False,
 ) -> None:
     """Write the dataset from the chunks (and, in a repair, the intact records of the damaged one), the report,
     the empty caption and cache.json with the file table; then drop the chunks and the old dataset."""
@@ -858,26 +906,26 @@ def _finalize(
     if missing:
         raise DataError(f"{cache_dir}: examples were not encoded: {', '.join(missing[:5])}")
     buckets = spec.all_buckets
-    shapes = {
-        "latent_dim": encoders.latent_dim,
-        "t5_length": encoders.t5_max_length,
-        "t5_dim": encoders.t5_dim,
-        "clip_dim": encoders.clip_dim,
-    }
+    shapes = {"latent_dim": encoders.latent_dim, "t5_length": encoders.t5_max_length}
+    if online:
+        shapes["clip_length"] = int(empty["clip_ids"].shape[-1])
+    else:
+        shapes.update(t5_dim=encoders.t5_dim, clip_dim=encoders.clip_dim)
+    fields = ("latents", *text_fields(online))
     files: dict[Path, SafetensorsFile] = {}
 
     def tensors(index: int, it: WorkItem) -> dict[str, np.ndarray]:
         if it.id not in where:
             assert kept is not None
             r = kept.read(index)
-            return {name: r[name] for name in ("latents", "t5", "clip")}
+            return {name: r[name] for name in fields}
         chunk, row = where[it.id]
         if chunk not in files:
             if len(files) >= 64:  # bound the open files: records follow source order, chunks bucket order
                 files.pop(next(iter(files))).close()
             files[chunk] = SafetensorsFile(chunk)
         f = files[chunk]
-        return {name: np.asarray(f.array(name)[row]) for name in ("latents", "t5", "clip")}
+        return {name: np.asarray(f.array(name)[row]) for name in fields}
 
     def examples() -> Iterator[dict[str, Any]]:
         for index, it in enumerate(items):
@@ -910,7 +958,7 @@ def _finalize(
             f.close()
         if kept is not None:
             kept.close()
-    save_file(cache_dir / EMPTY_CAPTION, {"t5": empty["t5"][0], "clip": empty["clip"][0]})
+    save_file(cache_dir / EMPTY_CAPTION, {name: empty[name][0] for name in text_fields(online)})
     with atomic_file(cache_dir / REPORT_JSON) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n")
     starts = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]]).astype(int).tolist()

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from flux_jax.data.buckets import Bucket
-from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION
+from flux_jax.data.cache import CACHE_FORMAT, CACHE_JSON, CACHE_VERSION, EMPTY_CAPTION, text_fields
 from flux_jax.data.cache_files import check_files
 from flux_jax.data.examples import BatchShape, Example
 from flux_jax.errors import DataError
@@ -49,6 +49,7 @@ class LatentCacheReader:
             self.record_repeats = np.asarray(records["repeats"], np.int64)
             self.fingerprint = str(info["fingerprint"]) + "-" + str(info["items_digest"])
             self.shapes = dict(info["shapes"])
+            self.online = "clip_length" in self.shapes  # token ids, not states (tfds_builders.holds_tokens)
             dataset_dir = self.path / info["dataset"]
             n = int(info["num_records"])
             table = info.get("files")
@@ -78,8 +79,8 @@ class LatentCacheReader:
         try:
             self.data = tfds.builder_from_directory(str(dataset_dir)).as_data_source("train")
             with SafetensorsFile(self.path / EMPTY_CAPTION) as f:
-                self.empty_t5 = np.array(f.array("t5"))
-                self.empty_clip = np.array(f.array("clip"))
+                # The empty caption's text fields (states, or online its token ids): what caption dropout swaps in.
+                self.empty = {name: np.array(f.array(name)) for name in text_fields(self.online)}
         except Exception as e:  # intact files that still do not open: TFDS and safetensors errors of any type
             raise DataError(f"{dataset_dir}: cannot open the cache ({_first_line(e)})") from None
         if len(self.data) != n:
@@ -108,6 +109,10 @@ class LatentCacheReader:
         return BatchShape(gh, gw, int(self.shapes["t5_length"]))
 
     def read(self, index: int) -> Example:
+        if self.online:
+            raise DataError(
+                f"{self.path}: holds T5 / CLIP token ids (encoders.online), not the text states an example needs"
+            )
         try:
             r = self.data[int(index)]
         except RuntimeError as e:

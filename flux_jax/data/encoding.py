@@ -4,6 +4,11 @@
 their captions) and returns this host's rows of the cached fields. The batch is split over the mesh's data and
 fsdp axes; weights follow the logical-axis rules (T5-XXL's ``embed`` dim is FSDP-sharded, the 84M-parameter VAE
 and the CLIP tower are replicated).
+
+With ``encoders.online`` the cache holds token ids (`FluxEncoders.tokens`) and the trainer runs T5 and CLIP in its
+step: `TextTowers` (their graphs) with their weights from `load_text_towers` (or `abstract_text_towers` for the
+planner). Both ways compute the states with the one function `text_states`, rounded to the dtypes the cache stores
+(`T5_STORAGE`, `CLIP_STORAGE`), so they feed the transformer the same values.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ ROOT_LAYOUT = {
     "t5_tokenizer": "tokenizer_2",
 }
 ENCODER_DTYPES = ("fp32", "bf16")
+# The dtypes the cache stores the text states in, and the online states are rounded to.
+T5_STORAGE = jnp.bfloat16
+CLIP_STORAGE = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +202,13 @@ def check_text_encoder_lora(paths: EncoderPaths, loras: TextEncoderLoras, where:
         check_fits(component, shapes, loras[component], f"{where} on {folder}")
 
 
-def place(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
-    """An encoder split into its graph and its weights, placed on ``mesh`` by ``ENCODER_RULES``."""
+def encoder_rules(rules: Any = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+    """The encoders' rules: a run's ``mesh.rules`` (default the transformer's) plus the encoder-only names."""
+    return (*tuple(rules), *ENCODER_RULES[len(DEFAULT_RULES) :])
+
+
+def place(model: nnx.Module, mesh: Mesh, rules: Any = ENCODER_RULES) -> tuple[nnx.GraphDef, nnx.State]:
+    """An encoder split into its graph and its weights, placed on ``mesh`` by ``rules`` (`encoder_rules`)."""
     graphdef, state = nnx.split(model)
 
     def put(value: jax.Array, sharding: NamedSharding) -> jax.Array:
@@ -204,7 +217,7 @@ def place(model: nnx.Module, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
         host = np.asarray(value)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return graphdef, jax.tree.map(put, state, state_shardings(state, mesh, ENCODER_RULES))
+    return graphdef, jax.tree.map(put, state, state_shardings(state, mesh, rules))
 
 
 class FluxEncoders:
@@ -283,6 +296,17 @@ class FluxEncoders:
         )
         return {"t5": _local_rows(t5), "clip": _local_rows(pooled)}
 
+    def encode_images(self, images: np.ndarray, global_batch: int) -> np.ndarray:
+        """The latents of this host's images (see `encode`)."""
+        return _local_rows(self._images_fn(self._vae[1], self._global(images, global_batch)))
+
+    def tokens(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        """What an online cache holds instead of `encode_text`'s states: ``t5_ids`` [b, t5_max_length] and
+        ``clip_ids`` [b, 77] int32, tokenized exactly as `encode_text` tokenizes them before encoding."""
+        t5_ids = tokenize_t5(self.t5_tokenizer, captions, self.t5_max_length).input_ids
+        clip_ids = tokenize_clip(self.clip_tokenizer, captions).input_ids
+        return {"t5_ids": np.asarray(t5_ids, np.int32), "clip_ids": np.asarray(clip_ids, np.int32)}
+
     def _global(self, local: np.ndarray, global_batch: int) -> jax.Array:
         shape = (global_batch, *local.shape[1:])
         return jax.make_array_from_process_local_data(self._batch, np.ascontiguousarray(local), shape)
@@ -307,11 +331,98 @@ def _text(
     t5_ids: jax.Array,
     clip_ids: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    # Flux feeds both encoders without an attention mask: T5 attends to its padding, CLIP is causal anyway.
-    hidden = nnx.merge(t5_def, t5_state)(t5_ids).astype(jnp.bfloat16)
-    _, pooled = nnx.merge(clip_def, clip_state)(clip_ids)
-    pooled = pooled.astype(jnp.float32)
+    hidden, pooled = text_states(t5_def, clip_def, t5_state, clip_state, t5_ids, clip_ids)
     return jax.lax.with_sharding_constraint(hidden, out), jax.lax.with_sharding_constraint(pooled, out)
+
+
+def text_states(
+    t5_def: nnx.GraphDef,
+    clip_def: nnx.GraphDef,
+    t5_state: nnx.State,
+    clip_state: nnx.State,
+    t5_ids: jax.Array,
+    clip_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """T5 last hidden states [B, L, D] in `T5_STORAGE` and CLIP pooled vectors [B, D'] in `CLIP_STORAGE`: what the
+    cache stores, and what the online step computes (the same function, so the two agree)."""
+    # Flux feeds both encoders without an attention mask: T5 attends to its padding, CLIP is causal anyway.
+    hidden = nnx.merge(t5_def, t5_state)(t5_ids).astype(T5_STORAGE)
+    _, pooled = nnx.merge(clip_def, clip_state)(clip_ids)
+    return hidden, pooled.astype(CLIP_STORAGE)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTowers:
+    """T5 and CLIP as the online training step runs them: their graphs (static) and dims; the weights are a
+    separate argument ({"t5": state, "clip": state}, from `load_text_towers`), frozen: the step differentiates
+    only its LoRA, and stops gradients at the states anyway."""
+
+    t5_def: nnx.GraphDef
+    clip_def: nnx.GraphDef
+    t5_dim: int
+    clip_dim: int
+
+    def __call__(self, weights: Mapping[str, nnx.State], t5_ids: jax.Array, clip_ids: jax.Array):
+        hidden, pooled = text_states(self.t5_def, self.clip_def, weights["t5"], weights["clip"], t5_ids, clip_ids)
+        return jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(pooled)
+
+
+def load_text_towers(
+    paths: EncoderPaths, *, mesh: Mesh, rules: Any = DEFAULT_RULES, dtype: str = "bf16"
+) -> tuple[TextTowers, dict[str, nnx.State]]:
+    """T5 and CLIP read from ``paths`` and placed on ``mesh`` by `encoder_rules` (``rules``: the run's), as the
+    cache build places them: (their graphs, their weights)."""
+    t5, clip = read_t5(paths.t5, dtype), read_clip(paths.clip, dtype)
+    dims = t5.config.d_model, clip.config.hidden_size
+    (t5_def, t5_state), (clip_def, clip_state) = (place(m, mesh, encoder_rules(rules)) for m in (t5, clip))
+    return TextTowers(t5_def, clip_def, *dims), {"t5": t5_state, "clip": clip_state}
+
+
+def abstract_text_towers(
+    t5_config: T5Config, clip_config: CLIPTextConfig, *, mesh: Mesh, rules: Any = DEFAULT_RULES, dtype: str = "bf16"
+) -> tuple[TextTowers, dict[str, nnx.State]]:
+    """`load_text_towers` in shapes only (the planner): weights are ShapeDtypeStructs with their shardings."""
+    target = parse_dtype(dtype, ENCODER_DTYPES)
+    out = {}
+    for name, make in (
+        ("t5", lambda: T5Encoder(t5_config, dtype=target, param_dtype=target, rngs=nnx.Rngs(0))),
+        ("clip", lambda: CLIPTextModel(clip_config, dtype=target, param_dtype=target, rngs=nnx.Rngs(0))),
+    ):
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+        shardings = state_shardings(state, mesh, encoder_rules(rules))
+        out[name] = graphdef, jax.tree.map(_abstract_on, state, shardings)
+    towers = TextTowers(out["t5"][0], out["clip"][0], t5_config.d_model, clip_config.hidden_size)
+    return towers, {"t5": out["t5"][1], "clip": out["clip"][1]}
+
+
+def _abstract_on(x: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def text_tower_configs(cfg: Any) -> tuple[T5Config, CLIPTextConfig, str | None]:
+    """The T5 / CLIP architectures an ``encoders`` section names, for the planner: the generated demo encoders',
+    those of local checkpoints' config.json, else FLUX.1's (T5-XXL, CLIP-L) with a note saying so. Downloads
+    nothing."""
+    import tempfile
+
+    if demo_stamp(cfg) is not None:
+        with tempfile.TemporaryDirectory(prefix="flux_jax_demo_encoders_") as tmp:
+            paths, _ = resolve_encoder_paths(cfg, Path(tmp))
+            return _config_of(paths.t5, T5Config.from_hf), _config_of(paths.clip, CLIPTextConfig.from_hf), None
+    enc = cfg.encoders
+    found = []
+    for name, parse in (("t5", T5Config.from_hf), ("clip", CLIPTextConfig.from_hf)):
+        folder = Path(getattr(enc, name) or (Path(enc.root) / ROOT_LAYOUT[name] if enc.root else ""))
+        found.append(_config_of(folder, parse) if getattr(enc, name) or enc.root else None)
+    if all(found):
+        return found[0], found[1], None
+    note = "the T5 / CLIP checkpoints are not on this machine: planned FLUX.1's T5-XXL and CLIP-L"
+    return found[0] or T5Config(), found[1] or CLIPTextConfig(), note
+
+
+def _config_of(folder: Path, parse: Any) -> Any:
+    config = folder / "config.json" if folder.is_dir() else None
+    return parse(json.loads(config.read_text())) if config is not None and config.is_file() else None
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:

@@ -68,6 +68,12 @@ def open_train_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tupl
             cfg, process_index=host, process_count=hosts, batch_size_per_host=cfg.train.batch_size // hosts
         )
         return pipeline, pipeline.cache
+    if cfg.encoders.online:
+        raise ConfigError(
+            "encoders.online encodes the captions of a `flux-jax cache` latent cache in the training step; the "
+            "synthetic set and the cached-example format hold text states, not captions; set encoders.online=false",
+            key="encoders.online",
+        )
     if cfg.data.caption_dropout > 0:
         raise ConfigError(
             "data.caption_dropout > 0 needs the empty-caption embeddings of a `flux-jax cache` latent cache; the "
@@ -81,10 +87,15 @@ def open_train_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tupl
 
 
 def check_fits(source: ExampleSource, model_cfg: FluxConfig) -> None:
-    """The examples' feature widths must be the model's (e.g. a cache made for another text encoder)."""
-    first = source.read(0)
-    want = {"latents": model_cfg.in_channels, "t5": model_cfg.context_in_dim, "clip": model_cfg.vec_in_dim}
-    got = {"latents": first.latents.shape[-1], "t5": first.t5.shape[-1], "clip": first.clip.shape[-1]}
+    """The examples' feature widths must be the model's (e.g. a cache made for another text encoder). A cache of
+    token ids (``encoders.online``) has only its latents checked here; the trainer checks the text encoders'."""
+    if getattr(source, "online", False):
+        latents = source.read_many([0])[0]["latents"]
+        want, got = {"latents": model_cfg.in_channels}, {"latents": latents.shape[-1]}
+    else:
+        first = source.read(0)
+        want = {"latents": model_cfg.in_channels, "t5": model_cfg.context_in_dim, "clip": model_cfg.vec_in_dim}
+        got = {"latents": first.latents.shape[-1], "t5": first.t5.shape[-1], "clip": first.clip.shape[-1]}
     bad = [f"{k} width {got[k]} (model expects {want[k]})" for k in want if got[k] != want[k]]
     if bad:
         raise DataError(f"{source.describe()}: examples do not fit the model: {', '.join(bad)}")

@@ -28,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from flux_jax.data.cache import check_built_from, resolve_cache_dir
+from flux_jax.data.cache import check_built_from, resolve_cache_dir, text_fields
 from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.errors import DataError
 from flux_jax.model.latents import image_ids
@@ -125,7 +125,8 @@ class EpochPlanner:
 class TrainIterator:
     """Yields this host's batches: dicts of numpy arrays, one bucket per batch.
 
-    ``latents`` [b, L, 64] bf16, ``t5`` [b, Lt, D] bf16, ``clip`` [b, D'] float32, ``img_ids`` [b, L, 3] float32,
+    ``latents`` [b, L, 64] bf16, ``t5`` [b, Lt, D] bf16, ``clip`` [b, D'] float32 (from an online cache instead
+    ``t5_ids`` [b, Lt] and ``clip_ids`` [b, 77] int32), ``img_ids`` [b, L, 3] float32,
     ``height`` / ``width`` [b] int32 (the token grid), ``record`` [b] int64 (cache record, for reports),
     ``caption_dropped`` [b] bool. `get_state` / `set_state` give and take a JSON-able dict.
     """
@@ -179,15 +180,16 @@ class TrainIterator:
         drops = planned.drop_caption[lo : lo + self.rows]
         examples = self.cache.read_many(records)
         gh, gw = self.cache.buckets[planned.bucket].tokens
-        t5 = np.stack([e["t5"] for e in examples])
-        clip = np.stack([e["clip"] for e in examples])
-        t5[drops] = self.cache.empty_t5
-        clip[drops] = self.cache.empty_clip
+        text = {}
+        # A dropped caption is the empty caption's: its cached states, or (online) its token ids, which the step
+        # then encodes into those same states.
+        for name in text_fields(self.cache.online):
+            text[name] = np.stack([e[name] for e in examples])
+            text[name][drops] = self.cache.empty[name]
         ids = image_ids(gh, gw)
         return {
             "latents": np.stack([e["latents"] for e in examples]),
-            "t5": t5,
-            "clip": clip,
+            **text,
             "img_ids": np.broadcast_to(ids, (len(records), *ids.shape)).copy(),
             "height": np.full(len(records), gh, np.int32),
             "width": np.full(len(records), gw, np.int32),

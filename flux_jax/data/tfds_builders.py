@@ -125,7 +125,8 @@ def build_folder_dataset(
 
 
 class LatentCache(_QuietPrepare, tfds.core.GeneratorBasedBuilder):
-    """Encoded examples: packed latents, T5 states, CLIP pooled vector, bucket and provenance per record."""
+    """Encoded examples: packed latents, T5 states and CLIP pooled vector (or, online, their token ids), bucket and
+    provenance per record."""
 
     name = CACHE_BUILDER
     code_path = None  # see FolderImages
@@ -160,15 +161,30 @@ class LatentCache(_QuietPrepare, tfds.core.GeneratorBasedBuilder):
         yield from enumerate(self._examples())
 
 
+def holds_tokens(shapes: Mapping[str, int]) -> bool:
+    """Whether a cache of these dims holds T5 / CLIP token ids (``encoders.online``) instead of their states."""
+    return "clip_length" in shapes
+
+
 def latent_cache_features(shapes: Mapping[str, int]) -> tfds.features.FeaturesDict:
-    """The cache's record features for the given dims (``latent_dim``, ``t5_length``, ``t5_dim``, ``clip_dim``)."""
+    """The cache's record features for the given dims: ``latent_dim``, ``t5_length`` and either ``t5_dim`` and
+    ``clip_dim`` (T5 states and the CLIP pooled vector) or ``clip_length`` (``t5_ids`` and ``clip_ids``, int32)."""
     s = dict(shapes)
-    bf16 = tfds.features.Encoding.BYTES  # raw little-endian bytes: TFDS has no bfloat16 proto type
+    raw = tfds.features.Encoding.BYTES  # raw little-endian bytes: TFDS has no bfloat16 proto type
+    if holds_tokens(s):
+        text = {
+            "t5_ids": tfds.features.Tensor(shape=(s["t5_length"],), dtype=np.int32, encoding=raw),
+            "clip_ids": tfds.features.Tensor(shape=(s["clip_length"],), dtype=np.int32, encoding=raw),
+        }
+    else:
+        text = {
+            "t5": tfds.features.Tensor(shape=(s.get("t5_length"), s.get("t5_dim")), dtype=_bf16(), encoding=raw),
+            "clip": tfds.features.Tensor(shape=(s.get("clip_dim"),), dtype=np.float32, encoding=raw),
+        }
     return tfds.features.FeaturesDict(
         {
-            "latents": tfds.features.Tensor(shape=(None, s.get("latent_dim")), dtype=_bf16(), encoding=bf16),
-            "t5": tfds.features.Tensor(shape=(s.get("t5_length"), s.get("t5_dim")), dtype=_bf16(), encoding=bf16),
-            "clip": tfds.features.Tensor(shape=(s.get("clip_dim"),), dtype=np.float32, encoding=bf16),
+            "latents": tfds.features.Tensor(shape=(None, s.get("latent_dim")), dtype=_bf16(), encoding=raw),
+            **text,
             "height": np.int32,
             "width": np.int32,
             "bucket": np.int32,

@@ -5,12 +5,15 @@ functions (``build.lora_model``, ``state.split_trainable`` / ``state_shardings_f
 ``Objective``, ``StepCompiler``), but under ``nnx.eval_shape`` / ``jax.eval_shape``: the 12B base and the optimizer
 state exist as ShapeDtypeStructs carrying the shardings the trainer would give them, so nothing is allocated and the
 mesh may be made of compile-only devices (``jax.experimental.topologies``). ``AbstractStep.compile`` then lowers and
-compiles the very ``train_step`` executable the trainer runs.
+compiles the very ``train_step`` executable the trainer runs. With ``encoders.online`` that step includes T5 and
+CLIP (``data.encoding.abstract_text_towers``, sharded as ``loop.online_text`` places them): their weights are
+step arguments and their forward passes part of the step's memory and FLOPs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -19,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flux_jax.axes import Rules
+from flux_jax.data.encoding import abstract_text_towers, text_tower_configs
 from flux_jax.flow import packed_seq_len
 from flux_jax.model.config import FluxConfig
 from flux_jax.run_config import RunConfig
@@ -39,7 +43,9 @@ from flux_jax.train.step import StepCompiler, check_batch_split
 
 # What the data pipeline caches (flux_jax.data; `flux-jax cache` stores bf16): latents, T5 states and the
 # pooled CLIP vector in bf16; BatchIterator adds image position ids in fp32.
-BATCH_DTYPES = {"latents": jnp.bfloat16, "t5": jnp.bfloat16, "clip": jnp.bfloat16, "img_ids": jnp.float32}
+BATCH_DTYPES = {"latents": jnp.bfloat16, "t5": jnp.bfloat16, "clip": jnp.bfloat16, "img_ids": jnp.float32,
+                "t5_ids": jnp.int32, "clip_ids": jnp.int32}  # fmt: skip
+CLIP_TOKENS = 77
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +71,11 @@ class AbstractStep:
         cfg = self.model_config
         tokens = packed_seq_len(resolution, resolution)
         micro, rows = grad_accum, batch_size // grad_accum
-        shapes = {
-            "latents": (micro, rows, tokens, cfg.in_channels),
-            "t5": (micro, rows, text_len, cfg.context_in_dim),
-            "clip": (micro, rows, cfg.vec_in_dim),
-            "img_ids": (micro, rows, tokens, 3),
-        }
+        shapes = {"latents": (micro, rows, tokens, cfg.in_channels), "img_ids": (micro, rows, tokens, 3)}
+        if self.compiler.encoders is not None:  # online: token ids, encoded in the step
+            shapes.update(t5_ids=(micro, rows, text_len), clip_ids=(micro, rows, CLIP_TOKENS))
+        else:
+            shapes.update(t5=(micro, rows, text_len, cfg.context_in_dim), clip=(micro, rows, cfg.vec_in_dim))
         sharding = self.compiler.batch_sharding
         return {k: jax.ShapeDtypeStruct(s, BATCH_DTYPES[k], sharding=sharding) for k, s in shapes.items()}
 
@@ -118,13 +123,23 @@ def abstract_step(
     lora = {k: _sds(v, lora_sh[k]) for k, v in flat_params(lora_state).items()}
     template = jax.tree.map(_sds, lora_state)
 
+    notes = [] if why is None else [why]
+    text = encoders = None
+    if cfg.encoders.online:
+        t5_config, clip_config, note = text_tower_configs(cfg)
+        text, encoders = abstract_text_towers(t5_config, clip_config, mesh=mesh, rules=rules, dtype=cfg.encoders.dtype)
+        notes += [] if note is None else [note]
+        per_chip = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(encoders))
+        notes.append(f"encoders.online: the step runs T5 and CLIP ({per_chip / 2**30:.3f} GiB of their weights per "
+                     "chip, in its arguments; their forward passes in its FLOPs)")  # fmt: skip
     tx = build_optimizer(cfg.optim, cfg.train.steps)
     ema = cfg.optim.ema_decay is not None
     shardings = state_shardings_for(tx, lora, mesh, ema=ema)
     state = abstract_like(abstract_state(tx, lora, seed=seed, ema=ema), shardings)
     compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,
                             objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
-                            mesh=mesh, remat=remat if cfg.model.remat == AUTO else None)  # fmt: skip
+                            mesh=mesh, remat=remat if cfg.model.remat == AUTO else None, text=text,
+                            encoders=encoders)  # fmt: skip
     return AbstractStep(compiler=compiler, state=state, frozen=compiler.abstract_frozen, model_config=model_config,
                         mesh=mesh, rules=rules, adapted=tuple(adapted), attention=model_cfg.attention,
-                        notes=() if why is None else (why,))  # fmt: skip
+                        notes=tuple(notes))  # fmt: skip

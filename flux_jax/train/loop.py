@@ -28,6 +28,8 @@ import optax
 from etils import epath
 from tqdm import tqdm
 
+from flux_jax.data.cache import DEMO_ENCODERS, resolve_cache_dir
+from flux_jax.data.encoding import TextTowers, load_text_towers, resolve_encoder_paths
 from flux_jax.data.examples import (
     DataIterator,
 )
@@ -220,7 +222,7 @@ class Trainer:
                 if self.lease is not None:
                     self.lease.check()  # another trainer took the run directory over: write nothing more
                 fetch = time.perf_counter()
-                batch = micro_batches(next(self.data), self.grad_accum)
+                batch = micro_batches(next(self.data), self.grad_accum, self.step.keys)
                 self._data_wait += time.perf_counter() - fetch
                 data_state = self.data.get_state()
                 compiles = not self.step.has_executable(batch)  # the first step, or a new bucket shape
@@ -302,7 +304,7 @@ class Trainer:
         self.last_loss = loss
         micro, rows, img_tokens = batch["latents"].shape[:3]
         samples = micro * rows * jax.process_count()
-        txt_tokens = batch["t5"].shape[2]
+        txt_tokens = batch["t5" if "t5" in batch else "t5_ids"].shape[2]
         record: dict[str, float | int | None] = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -355,6 +357,23 @@ def _optim_changes(saved_meta: dict, cfg: RunConfig) -> list[str]:
     saved = (saved_meta.get("config") or {}).get("optim") or {}
     now = cfg.to_dict()["optim"]
     return [f"optim.{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+
+
+def online_text(cfg: RunConfig, *, mesh: Any, rules: Any, model_cfg: FluxConfig) -> tuple[TextTowers, dict]:
+    """``encoders.online``: T5 and CLIP, loaded once and placed on the mesh by the run's rules (the encoders the
+    cache was built with: the same paths, or the same generated demo encoders in the cache dir)."""
+    paths, _ = resolve_encoder_paths(cfg, resolve_cache_dir(cfg) / DEMO_ENCODERS)
+    log.info("encoders.online: loading T5 %s and CLIP %s (%s) into the train step", paths.t5, paths.clip,
+             cfg.encoders.dtype)  # fmt: skip
+    text, weights = load_text_towers(paths, mesh=mesh, rules=rules, dtype=cfg.encoders.dtype)
+    got, want = (text.t5_dim, text.clip_dim), (model_cfg.context_in_dim, model_cfg.vec_in_dim)
+    if got != want:
+        raise ConfigError(
+            f"encoders.online: the text encoders ({paths.t5}, {paths.clip}) give T5 / CLIP widths {got}, the model "
+            f"takes {want}; set encoders.root to the base's FLUX.1 download",
+            key="encoders",
+        )
+    return text, weights
 
 
 def setup(
@@ -420,6 +439,10 @@ def setup(
         tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
         state, shardings = init_train_state(flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)
         del lora_state, model
+        # Frozen step arguments beside the base, never in the train state: neither optimized nor checkpointed.
+        text, encoder_weights = (
+            online_text(cfg, mesh=mesh, rules=rules, model_cfg=model_cfg) if cfg.encoders.online else (None, None)
+        )
         meta = run_meta(cfg, base_config=model_cfg, adapted=adapted, dataset=source.describe(), step=0)
         if latest is not None:
             where = str(checkpointer.directory / str(latest))
@@ -447,6 +470,8 @@ def setup(
             ema_decay=cfg.optim.ema_decay,
             mesh=mesh,
             remat=RematSearch(capacity=device_capacity(mesh.devices.flat[0])) if cfg.model.remat == AUTO else None,
+            text=text,
+            encoders=encoder_weights,
         )
         is_main = jax.process_index() == 0
         if is_main and (latest or 0) < cfg.train.steps:  # a run with nothing left to do leaves its files alone

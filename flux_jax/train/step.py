@@ -7,6 +7,11 @@ and the EMA, and returns the new state and scalar metrics (loss, gradient norm, 
 parameter is finite). Only the LoRA params are differentiated; the base
 is an argument that is never donated and never changes.
 
+With ``encoders.online`` the batch holds T5 / CLIP token ids (``t5_ids``, ``clip_ids``) and ``text`` (a
+``TextTowers``) turns each micro-batch's ids into the states the transformer takes, from the frozen encoder weights
+``encoders`` (another never-donated argument, sharded like the base; not in the state, so never in the optimizer or
+a checkpoint), before the loss: the same states, in the same dtypes, as a cache of states would hold.
+
 ``StepCompiler`` binds the static parts with ``functools.partial``, jits with in/out shardings and the state
 donated, compiles ahead of time (so memory analysis is available before step 1) and caches one executable per
 batch shape; calling an executable with other shapes or shardings is an error, never a silent recompile.
@@ -25,6 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from flux_jax.data.encoding import TextTowers
 from flux_jax.errors import ConfigError
 from flux_jax.model.lora import seed_dropout, set_lora_training
 from flux_jax.sharding import batch_sharding
@@ -60,10 +66,12 @@ def train_step(
     frozen: nnx.State,
     state: TrainState,
     batch: Batch,
+    encoders: dict[str, nnx.State] | None = None,
     *,
     tx: optax.GradientTransformation,
     objective: Objective,
     ema_decay: float | None,
+    text: TextTowers | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over ``micro`` micro-batches (see the module docstring)."""
     micro, rows = batch["latents"].shape[:2]
@@ -76,6 +84,8 @@ def train_step(
     grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef=graphdef, template=template, objective=objective))
 
     def one(mb: Batch, keys: jax.Array, dkey: jax.Array):
+        if text is not None:  # online: this micro-batch's captions encoded here, inside the step
+            mb = encode_text(text, encoders, mb)
         return grad_fn(state.lora, frozen, mb, keys, dkey)
 
     if micro == 1:
@@ -127,7 +137,21 @@ def eval_loss(
     return flow_loss(model, batch, keys, objective)
 
 
+def encode_text(text: TextTowers, encoders: dict[str, nnx.State], batch: Batch) -> Batch:
+    """``batch`` with its token ids replaced by the text states they encode to (T5 and CLIP frozen)."""
+    t5, clip = text(encoders, batch["t5_ids"], batch["clip_ids"])
+    rest = {k: v for k, v in batch.items() if k not in ONLINE_TEXT_KEYS}
+    return {**rest, "t5": t5, "clip": clip}
+
+
 STEP_KEYS = ("latents", "t5", "clip", "img_ids")
+ONLINE_TEXT_KEYS = ("t5_ids", "clip_ids")
+ONLINE_STEP_KEYS = ("latents", *ONLINE_TEXT_KEYS, "img_ids")
+
+
+def step_keys(online: bool) -> tuple[str, ...]:
+    """The batch keys the step takes: token ids instead of text states with ``encoders.online``."""
+    return ONLINE_STEP_KEYS if online else STEP_KEYS
 
 
 def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh, process_count: int = 1) -> None:
@@ -148,18 +172,18 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: Mesh, process_coun
         )
 
 
-def micro_batches(batch: dict[str, Any], micro: int) -> dict[str, Any]:
+def micro_batches(batch: dict[str, Any], micro: int, keys: tuple[str, ...] = STEP_KEYS) -> dict[str, Any]:
     """A host's rows ``[R, ...]`` -> the step's layout ``[micro, R / micro, ...]``, keeping only the step's keys.
 
     Host rows are cut into ``micro`` contiguous chunks; global micro-batch m is chunk m of every host.
     """
-    missing = [k for k in STEP_KEYS if k not in batch]
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
     rows = batch["latents"].shape[0]
     if rows % micro:
         raise ValueError(f"{rows} rows per host cannot be cut into {micro} micro-batches")
-    return {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]) for k in STEP_KEYS}
+    return {k: batch[k].reshape(micro, rows // micro, *batch[k].shape[1:]) for k in keys}
 
 
 class StepCompiler:
@@ -167,7 +191,10 @@ class StepCompiler:
 
     ``remat``: with a ``RematSearch`` (``model.remat: auto``) the first compile tries the remat policies and keeps
     the first that fits (``flux_jax.train.memory.choose``); every later batch shape compiles with that policy.
-    ``remat_policy`` and ``remat_options`` then say what was chosen among what."""
+    ``remat_policy`` and ``remat_options`` then say what was chosen among what.
+
+    ``text`` and ``encoders`` (``encoders.online``): T5 / CLIP's graphs and their placed (or, planning, abstract)
+    weights; the executables then take them as a fourth argument, which ``__call__`` passes itself."""
 
     def __init__(
         self,
@@ -182,14 +209,23 @@ class StepCompiler:
         mesh: Mesh,
         step_fn: Callable[..., Any] = train_step,
         remat: RematSearch | None = None,
+        text: TextTowers | None = None,
+        encoders: dict[str, nnx.State] | None = None,
     ):
+        if (text is None) != (encoders is None):
+            raise ValueError("StepCompiler: text and encoders come together")
         self.mesh = mesh
+        self.keys = step_keys(text is not None)
+        self.encoders = encoders
+        self.encoder_shardings = None if encoders is None else jax.tree.map(lambda x: x.sharding, encoders)
+        self.abstract_encoders = None if encoders is None else abstract_like(encoders, self.encoder_shardings)
         self.graphdef, self.template, self.objective = graphdef, template, objective
         self.frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
         self.abstract_frozen = abstract_like(frozen, self.frozen_shardings)
         self.state_shardings = state_shardings
         self.batch_sharding = batch_sharding(mesh, batch_dim=1)  # leaves are [micro, rows, ...]
-        self._bind = functools.partial(step_fn, tx=tx, objective=objective, ema_decay=ema_decay)
+        online = {} if text is None else {"text": text}
+        self._bind = functools.partial(step_fn, tx=tx, objective=objective, ema_decay=ema_decay, **online)
         self.traces = 0  # how often jax traced the step (the Python body runs only while tracing)
         self.remat_search = remat
         self.remat_policy: str | None = None if remat is not None else graphdef_remat(graphdef, template, frozen)
@@ -200,13 +236,16 @@ class StepCompiler:
     def _jit(self, graphdef: nnx.GraphDef):
         bound = functools.partial(self._bind, graphdef, self.template)
 
-        def fn(frozen, state, batch):
+        def fn(frozen, state, batch, *encoders):
             self.traces += 1
-            return bound(frozen, state, batch)
+            return bound(frozen, state, batch, *encoders)
 
+        shardings = (self.frozen_shardings, self.state_shardings, self.batch_sharding)
+        if self.encoders is not None:
+            shardings += (self.encoder_shardings,)
         return jax.jit(
             fn,
-            in_shardings=(self.frozen_shardings, self.state_shardings, self.batch_sharding),
+            in_shardings=shardings,
             out_shardings=(self.state_shardings, replicated(self.mesh)),
             donate_argnums=(1,),
         )
@@ -220,6 +259,8 @@ class StepCompiler:
         key = self.signature(abstract_batch)
         if key not in self.executables:
             args = (self.abstract_frozen, abstract_state, abstract_batch)
+            if self.encoders is not None:
+                args += (self.abstract_encoders,)
             if self.jitted is None:  # remat auto, not chosen yet: this compile decides
                 jitted = {}
 
@@ -248,6 +289,8 @@ class StepCompiler:
         compiled = self.executables.get(key)
         if compiled is None:
             compiled = self.compile(abstract_like(state, self.state_shardings), self.abstract_batch(batch))
+        if self.encoders is not None:
+            return compiled(frozen, state, batch, self.encoders)
         return compiled(frozen, state, batch)
 
 

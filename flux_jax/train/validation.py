@@ -162,9 +162,17 @@ def open_loss_source(path: str) -> ExampleSource:
     try:
         if (Path(path) / INDEX_NAME).is_file():
             return CachedExamples(path)
-        return LatentCacheReader(path)
+        reader = LatentCacheReader(path)
     except DataError as e:
         raise DataError(f"validation.loss_cache: {e}") from None
+    if reader.online:
+        # The held-out loss runs eval_loss on text states; a cache of token ids would need the encoders there too.
+        raise ConfigError(
+            f"validation.loss_cache: {path} holds T5 / CLIP token ids (built with encoders.online: true); the "
+            "held-out loss reads text states: build it with encoders.online: false (training may stay online)",
+            key="validation.loss_cache",
+        )
+    return reader
 
 
 def check_validation(cfg: RunConfig) -> ValidationInputs | None:

@@ -22,6 +22,7 @@ from flux_jax import typed_config
 from flux_jax.axes import DEFAULT_RULES, MESH_AXES, ShardingError, validate_rules
 from flux_jax.errors import ConfigError
 from flux_jax.model.config import PRESETS
+from flux_jax.storage import is_remote
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -89,7 +90,11 @@ class DataConfig:
     path: str = ""
     """Dataset location; required at train time unless the trainer synthesises data."""
     cache_dir: str | None = None
-    """Where latent / text-embedding caches live; None = next to the data."""
+    """Where latent / text-embedding caches live; None = next to the data. A ``gs://`` URL keeps the cache in a
+    bucket, built and read through a local copy on each host (``cache_local_dir``)."""
+    cache_local_dir: str | None = None
+    """For a ``gs://`` ``cache_dir``: this host's local copy of it (local disk the size of the cache; on a pod each
+    host's own disk, not a shared filesystem); None = ``~/.cache/flux_jax/caches/gs/<bucket>/<path>``."""
     resolution: int = 512
     shuffle_seed: int = 0
     caption_dropout: float = 0.0
@@ -167,6 +172,13 @@ class DataConfig:
         )
         _require(self.max_image_pixels >= 1, "max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
         _require(self.read_threads >= 1, "read_threads", f"must be >= 1, got {self.read_threads}")
+        if self.cache_local_dir is not None:
+            _require(
+                is_remote(self.cache_dir or "") and not is_remote(self.cache_local_dir),
+                "cache_local_dir",
+                f"is the local copy of a gs:// cache_dir: a local path, with cache_dir a bucket URL (cache_dir is "
+                f"{self.cache_dir!r}, cache_local_dir {self.cache_local_dir!r})",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,9 +99,14 @@ SHARD_BYTES = 256 << 20
 def resolve_cache_dir(cfg: Any) -> Path:
     """``data.cache_dir``, or next to the data: ``<folder>_cache`` beside an image folder, a prepared TFDS
     directory or a local directory of shards, ``<output_dir>/cache`` for a TFDS dataset given by name and for
-    shards given by a glob, a brace range or a bucket URL."""
+    shards given by a glob, a brace range or a bucket URL. A bucket URL (``gs://...``) gives this host's local copy
+    of that bucket cache (`cache_remote`)."""
     data = cfg.data
     if data.cache_dir:
+        if is_remote(data.cache_dir):
+            from flux_jax.data.cache_remote import local_copy_dir
+
+            return local_copy_dir(data.cache_dir, data.cache_local_dir)
         return Path(data.cache_dir)
     path = Path(data.path)
     if data.source == "folder" or path.is_dir():
@@ -109,7 +114,7 @@ def resolve_cache_dir(cfg: Any) -> Path:
     if is_remote(cfg.output_dir):
         raise ConfigError(
             f"output_dir {cfg.output_dir} is a bucket, but the latent cache is read from a local disk; set "
-            "data.cache_dir to a local path (on a pod: the same path on every host)",
+            "data.cache_dir to a local path (on a pod: the same path on every host) or to a gs:// URL",
             key="data.cache_dir",
         )
     return Path(cfg.output_dir) / "cache"
@@ -261,6 +266,7 @@ def _variants(
 @dataclasses.dataclass(frozen=True)
 class CacheSummary:
     cache_dir: Path
+    """The cache directory, or a bucket cache's URL (an etils.epath.Path)."""
     records: int
     encoded: int
     """Records encoded by this run (the rest came from an interrupted earlier run, or the cache was complete)."""
@@ -456,21 +462,28 @@ def build_cache(
     settings = _settings(cfg, spec, demo_stamp or paths.identity())
     fingerprint = _fingerprint(settings)
     digest = _items_digest(items)
+    process, processes = jax.process_index(), jax.process_count()
+    remote = _remote(cfg)
+    shown = cache_dir if remote is None else remote.url  # what messages name
     if force:
         _clear(cache_dir)
+        if remote is not None:
+            if process == 0:
+                remote.clear()
+            _barrier("flux_jax_cache_cleared")
+    if remote is not None:  # the local copy becomes the bucket's state: a complete cache, or the chunks so far
+        if _broadcast(np.asarray([remote.complete()], np.int32))[0]:
+            shutil.rmtree(cache_dir / WORK_DIR, ignore_errors=True)
+            remote.mirror(check=lambda info: _check_complete(cfg, shown, info, fingerprint, digest))
+        else:
+            remote.reset_work()
     done_marker = cache_dir / CACHE_JSON
-    process, processes = jax.process_index(), jax.process_count()
     kept: _Kept | None = None
     intact = np.zeros(len(items), bool)
     damaged: tuple[str, ...] = ()
     if done_marker.is_file():
         info = _read_info(done_marker)
-        check_cache_kind(cfg, cache_dir, info)
-        if info.get("fingerprint") != fingerprint or info.get("items_digest") != digest:
-            raise DataError(
-                f"{cache_dir}: a complete cache built from other data or settings is there; run with --force to "
-                "rebuild it, or set data.cache_dir to another directory"
-            )
+        _check_complete(cfg, shown, info, fingerprint, digest)
         # Process 0 checks the files; every process needs the outcome (they step through the same batches).
         status = 0
         if process == 0:
@@ -492,11 +505,13 @@ def build_cache(
         status_and_intact = _broadcast(np.concatenate([[status], intact.astype(np.int32)]).astype(np.int32))
         status, intact = int(status_and_intact[0]), status_and_intact[1:].astype(bool)
         if status != 2:
-            log.info("cache %s is up to date (%d records)", cache_dir, info["num_records"])
-            return CacheSummary(cache_dir, int(info["num_records"]), 0, 0.0, report, spec.all_buckets, True)
+            log.info("cache %s is up to date (%d records)", shown, info["num_records"])
+            return CacheSummary(shown, int(info["num_records"]), 0, 0.0, report, spec.all_buckets, True)
 
     work = cache_dir / WORK_DIR
     _open_work_dir(work, fingerprint, settings, process)
+    if remote is not None:
+        remote.opened(process)
     _barrier("flux_jax_cache_open")
     enc = cfg.encoders
     if encoders is None:
@@ -527,11 +542,14 @@ def build_cache(
             keep = [j for j, it in enumerate(local) if it is not None]
             _check_finite(out, [local[j].key for j in keep], keep)
             if keep:
+                chunk = work / f"chunk-p{process:03d}-{seq:06d}.safetensors"
                 save_file(
-                    work / f"chunk-p{process:03d}-{seq:06d}.safetensors",
+                    chunk,
                     {name: np.ascontiguousarray(value[keep]) for name, value in out.items()},
                     metadata={"items": json.dumps([local[j].id for j in keep])},
                 )
+                if remote is not None:
+                    remote.push_chunk(chunk)
                 seq += 1
             bar.update(sum(1 for it in batch if it is not None))
             if on_batch is not None:
@@ -542,6 +560,8 @@ def build_cache(
     rows = global_batch // processes
     empty = encoders.tokens([""]) if enc.online else encoders.encode_text([""] * rows, global_batch)
     if process == 0:
+        if remote is not None:
+            remote.fetch_chunks()
         _finalize(
             cache_dir,
             items,
@@ -557,8 +577,31 @@ def build_cache(
             kept if kept is not None and kept.intact.any() else None,
             online=enc.online,
         )
+        if remote is not None:
+            remote.publish()
     _barrier("flux_jax_cache_done")
-    return CacheSummary(cache_dir, len(items), len(pending), seconds, report, buckets, damaged=damaged)
+    if remote is not None:
+        remote.finish(process)
+    return CacheSummary(shown, len(items), len(pending), seconds, report, buckets, damaged=damaged)
+
+
+def _check_complete(cfg: Any, shown: Any, info: dict[str, Any], fingerprint: str, digest: str) -> None:
+    """The complete cache ``info`` (its cache.json) is of ``cfg``'s kind, settings and data, or a DataError."""
+    check_cache_kind(cfg, shown, info)
+    if info.get("fingerprint") != fingerprint or info.get("items_digest") != digest:
+        raise DataError(
+            f"{shown}: a complete cache built from other data or settings is there; run with --force to "
+            "rebuild it, or set data.cache_dir to another directory"
+        )
+
+
+def _remote(cfg: Any) -> Any:
+    """``cfg``'s bucket cache (`cache_remote.RemoteCache`), or None for a local one."""
+    if not is_remote(cfg.data.cache_dir or ""):
+        return None
+    from flux_jax.data.cache_remote import remote_cache
+
+    return remote_cache(cfg)
 
 
 def build_missing_cache(
@@ -580,16 +623,19 @@ def build_missing_cache(
     all processes must take the same branch here: process 0's look at cache.json decides for everyone (a host
     that looked a moment later could see the file another run just finished and skip the collectives)."""
     cache_dir = resolve_cache_dir(cfg)
-    missing = bool(_broadcast(np.asarray([not (cache_dir / CACHE_JSON).is_file()], np.int32))[0])
+    remote = _remote(cfg)
+    complete = (cache_dir / CACHE_JSON).is_file() if remote is None else remote.complete()
+    missing = bool(_broadcast(np.asarray([not complete], np.int32))[0])
     if not missing:
         return None
+    shown = cache_dir if remote is None else remote.url
     from flux_jax.data.encoding import demo_stamp
 
     if cfg.model.base and demo_stamp(cfg) is not None:
         # The generated demo encoders are random and sized for a model.preset base; a cache made with them can
         # only fail the trainer's width check later, after encoding, and would then block the right cache.
         raise ConfigError(
-            f"{cache_dir}: no complete cache to train on, and no encoders are configured to build it with; set "
+            f"{shown}: no complete cache to train on, and no encoders are configured to build it with; set "
             "encoders.root to the base's FLUX.1 download (e.g. black-forest-labs/FLUX.1-dev)",
             key="encoders.root",
         )
@@ -599,9 +645,9 @@ def build_missing_cache(
     if main:
         log.info(
             "no complete latent cache in %s: caching %s first, as `flux-jax cache` does (resumable; report: %s)",
-            cache_dir,
+            shown,
             cfg.data.path,
-            cache_dir / REPORT_JSON,
+            shown / REPORT_JSON,
         )
     summary = build_cache(cfg, progress=progress, devices=devices)
     if main:

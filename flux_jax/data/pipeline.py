@@ -30,6 +30,7 @@ import numpy as np
 
 from flux_jax.data.cache import check_built_from, resolve_cache_dir, text_fields
 from flux_jax.data.cache_reader import LatentCacheReader
+from flux_jax.data.cache_remote import remote_cache
 from flux_jax.errors import DataError
 from flux_jax.model.latents import image_ids
 
@@ -242,6 +243,9 @@ def make_train_iterator(cfg: Any, *, process_index: int, process_count: int, bat
     trainer's `inputs.prepare_train_data` just before). Refuses a damaged cache (`LatentCacheReader`) and one
     built from other data or settings (`cache.check_built_from`)."""
     cache_dir = resolve_cache_dir(cfg)
+    remote = remote_cache(cfg)
+    if remote is not None:  # a bucket cache: every host reads its local copy (checked before any download)
+        remote.mirror(check=lambda info: check_built_from(cfg, remote.url, info))
     cache = LatentCacheReader(cache_dir)
     check_built_from(cfg, cache_dir, cache.info)
     return TrainIterator(

@@ -7,7 +7,8 @@
 - `tfds_builders`: folder -> array_record TFDS dataset; the cache's own TFDS dataset.
 - `encoding`, `demo`: the frozen VAE / T5 / CLIP on the mesh; tiny generated demo encoders.
 - `cache`, `cache_reader`: `flux-jax cache` (resumable, atomic, repairs a damaged cache) and `LatentCacheReader`;
-  `cache_files`: the file table (sizes, CRC-32s) both check.
+  `cache_files`: the file table (sizes, CRC-32s) both check; `cache_remote`: a cache in a bucket (gs://), built
+  and read through a local copy on each host.
 - `pipeline`: `make_train_iterator`, grain over the cache, deterministic and resumable across hosts.
 - `examples`: the `Example` every source yields, `ExampleSource` / `DataIterator` (the interface the trainer
   reads), in-memory and `index.json` datasets, the synthetic set and their `BatchIterator`.

@@ -40,7 +40,9 @@ contiguous 1/N of the source's indices); the processes exchange the small per-ex
 sizes, buckets, captions, digests, problems) so that all lay out the same items and report as one host would, then
 step through the same global batches, each filling its rows with examples of its own share (`_plan_shared`) and
 writing its own chunks; process 0 finalizes. The cache is record for record the one a single host builds (the
-records are in item order, whoever encoded them), and ``cache_dir`` must be on a filesystem every host sees.
+records are in item order, whoever encoded them), and ``cache_dir`` must be on a filesystem every host sees, or a
+bucket: a ``gs://`` cache_dir is built and read in a local copy on each host, synced with the bucket
+(`cache_remote`: chunks uploaded as written, cache.json uploaded last, a complete cache mirrored before reading).
 """
 
 from __future__ import annotations

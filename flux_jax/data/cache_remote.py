@@ -90,6 +90,14 @@ def _upload(local: Path, remote: epath.Path) -> None:
         raise
 
 
+def _forget_listings(path: epath.Path) -> None:
+    """gcsfs (epath's gs:// backend without TensorFlow) caches directory listings for the life of the process, so
+    objects other hosts (or runs) uploaded since could go unseen; TensorFlow's gfile caches nothing."""
+    fs = getattr(getattr(path, "_backend", None), "fs", None)  # epath's fsspec backend only
+    if fs is not None:
+        fs(os.fspath(path)).invalidate_cache()
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -105,11 +113,13 @@ class RemoteCache:
         return os.fspath(self.url)
 
     def complete(self) -> bool:
+        _forget_listings(self.url)
         return (self.url / CACHE_JSON).exists()
 
     def info(self) -> tuple[str, dict[str, Any]]:
         """The bucket's cache.json: (its text, parsed)."""
         marker = self.url / CACHE_JSON
+        _forget_listings(self.url)
         try:
             text = marker.read_text()
             info = json.loads(text)
@@ -140,6 +150,7 @@ class RemoteCache:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         remote = self.url / WORK_DIR
+        _forget_listings(self.url)
         names = sorted(p.name for p in remote.iterdir()) if remote.exists() else []
         for name in names:
             _download(remote / name, work / name)
@@ -161,6 +172,7 @@ class RemoteCache:
     def fetch_chunks(self) -> None:
         """On process 0, before finalizing: the chunks the other hosts uploaded (and any of an earlier run)."""
         work, remote = self.local / WORK_DIR, self.url / WORK_DIR
+        _forget_listings(self.url)
         for path in sorted(remote.iterdir()) if remote.exists() else []:
             if not (work / path.name).is_file():
                 _download(path, work / path.name)

@@ -4,7 +4,7 @@
 last; `flux-jax train` mirrors the bucket cache to a local copy (a fresh one here: another machine) and trains the
 same LoRA as from a local cache, bit for bit; a rerun reuses the bucket cache without encoding; `flux-jax train`
 on an uncached folder builds the bucket cache itself; an interrupted build continues from the bucket on another
-machine.
+machine; two hosts (jax.distributed, each its own local copy) build the one-host cache through the bucket.
 
 No network here: the bucket is the in-memory GCS server of tests/helpers/fake_gcs.py, reached through etils.epath's
 gcsfs backend (STORAGE_EMULATOR_HOST), in a child process with that environment. The tiny model of configs/tiny.yaml,
@@ -14,6 +14,7 @@ the generated tiny demo encoders, six small photos (one 64x64 bucket, mirrored: 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,3 +257,70 @@ def test_a_bucket_cache_dir_resolves_to_a_local_copy(tmp_path: Path, monkeypatch
             TINY,
             ["data.synthetic=false", "data.path=photos", "data.cache_dir=my/cache", f"data.cache_local_dir={tmp_path}"],
         )
+
+
+WORKER = r"""
+import os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_default_matmul_precision", "highest")
+process, port, cfg_path, base = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
+from flux_jax.data.cache_remote import remote_cache
+from flux_jax.data.inputs import prepare_train_data
+from flux_jax.run_config import load_config
+# Each host its own local copy, as on a pod: the other host's chunks reach process 0 only through the bucket.
+cfg = load_config(cfg_path, [f"data.cache_local_dir={base}/host{process}"])
+summary = prepare_train_data(cfg, progress=False)
+print("BUILT", None if summary is None else (summary.records, summary.encoded))
+remote_cache(cfg).mirror()  # what the trainer does on every host before it reads
+"""
+
+
+@pytest.mark.slow  # two fresh processes, each importing JAX and TensorFlow and compiling the encoders
+def test_two_hosts_build_one_bucket_cache_equal_to_the_one_host_cache(ws: dict[str, Path], runs: dict) -> None:
+    import socket
+
+    from flux_jax.data.cache_reader import LatentCacheReader
+
+    base = ws["base"]
+    overrides = ["data.synthetic=false", f"data.path={ws['photos']}", f"data.cache_dir=gs://{BUCKET}/pod",
+                 "data.resolution=64", "data.flip=true", f"encoders.root={ws['encoders']}", "encoders.dtype=fp32",
+                 "encoders.t5_max_length=16", "encoders.batch_size=8", f"output_dir={base / 'pod-run'}"]  # fmt: skip
+    cfg_path = base / "pod.yaml"
+    cfg_path.write_text(load_config(TINY, overrides).to_yaml())
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    with fake_gcs(BUCKET) as url:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "EPATH_USE_TF": "false",
+               "STORAGE_EMULATOR_HOST": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",
+               "GOOGLE_CLOUD_PROJECT": "test"}  # fmt: skip
+        env.pop("XLA_FLAGS", None)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(p), port, str(cfg_path), str(base)],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for p in range(2)
+        ]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert f"BUILT ({RECORDS}, {RECORDS})" in out, out[-3000:]
+    fields = ("latents", "t5", "clip", "height", "width", "bucket", "group", "repeats", "flipped", "caption", "source")
+    one_host = LatentCacheReader(base / "local-cache")
+    want = one_host.read_many(range(len(one_host)))
+    for host in ("host0", "host1"):
+        reader = LatentCacheReader(base / host)
+        got = reader.read_many(range(len(reader)))
+        assert len(got) == len(want) == RECORDS
+        for x, y in zip(got, want, strict=True):
+            for field in fields:
+                np.testing.assert_array_equal(np.asarray(x[field]), np.asarray(y[field]), err_msg=f"{host} {field}")

@@ -16,3 +16,19 @@ import jax  # noqa: E402
 # Parity tests compare fp32 against PyTorch's fp32 CPU kernels; XLA's default CPU matmul precision is
 # already full fp32, but pin it so a changed default cannot loosen the comparison silently.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+from tests.helpers.compile_cache import persistent_compile_cache  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train_compile_cache(tmp_path_factory):
+    """One persistent compile cache for the trainer's tests (``pytestmark = pytest.mark.usefixtures(...)``): the
+    same tiny model and step are built by many runs in many modules, and test_train_resume.py's children read the
+    same directory (tests.helpers.compile_cache.child_env), so only the session's first build compiles. Needs the
+    8 fake devices set above (a run with its own XLA_FLAGS may have fewer)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
+    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
+        yield

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         required=True,
-        metavar="{kohya,diffusers,comfy}",
+        metavar="{" + ",".join(FORMATS) + "}",
         help="LoRA file format, as flux-jax export writes it: kohya (ComfyUI, Forge, diffusers), "
         "diffusers (diffusers, ComfyUI, Forge), comfy (ComfyUI, Forge)",
     )

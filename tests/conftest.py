@@ -7,6 +7,9 @@ for sharding tests; pytest imports conftest before any test module.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One BLAS thread per process: pytest-xdist runs a worker per core, and OpenBLAS's own threads on top of that spin
+# against each other (a 384 x 64 SVD took 1 s instead of 2 ms on the 2-core machine). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from flux_jax.commands import cache, convert, demo, export, plan, sample, train
+from flux_jax.commands import cache, convert, demo, export, extract_lora, plan, sample, train
 from flux_jax.errors import FluxJaxError
 
-COMMANDS = (cache, convert, demo, export, plan, sample, train)
+COMMANDS = (cache, convert, demo, export, extract_lora, plan, sample, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,38 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """One of several datasets trained together (``data.datasets``). Unset (null) fields take the ``data`` section's
+    value; the settings that shape the cache (resolution, buckets, crops, flips, seed, bad-data policy) are the
+    ``data`` section's for every dataset, so all caches hold batches the same step takes."""
+
+    path: str = ""
+    """As ``data.path``."""
+    source: Literal["folder", "tfds", "webdataset", "parquet"] | None = None
+    split: str | None = None
+    tfds_data_dir: str | None = None
+    image_key: str | None = None
+    caption_key: str | None = None
+    caption_ext: str | None = None
+    cache_dir: str | None = None
+    """This dataset's latent cache; null = ``<data.cache_dir>/<index>`` when ``data.cache_dir`` is set, else next to
+    the data as for a single dataset. Two datasets may not share a cache."""
+    weight: float | None = None
+    """Share of the training batches (so of examples) drawn from this dataset, normalised over the datasets; a batch
+    is one dataset's. Null on every dataset = its batches per pass over it (records x repeats, per bucket), so all
+    datasets finish their passes together: the datasets concatenated. Set on all or none."""
+    repeats: int = 1
+    """Multiplies the dataset's own repeats (kohya ``N_name/`` folders): each of its examples appears this many times
+    more per pass over the dataset (and, without weights, the dataset this much more often)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "path", "is empty")
+        if self.weight is not None:
+            _require(self.weight > 0, "weight", f"must be > 0 or null, got {self.weight}")
+        _require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str = ""
     """Dataset location; required at train time unless the trainer synthesises data."""
@@ -142,6 +174,15 @@ class DataConfig:
     """Any bad or converted input is an error instead of a skip or conversion (``flux-jax cache --strict``)."""
     read_threads: int = 4
     """Threads reading and collating cached batches (grain)."""
+    # ---- Several datasets and a held-out split (flux_jax.data.mixing).
+    datasets: tuple[DatasetConfig, ...] = ()
+    """Several datasets trained together, each with its own latent cache, drawn from by ``weight`` (grain's
+    ``MapDataset.mix``); instead of ``path`` (empty = the one dataset ``path`` names)."""
+    holdout: float = 0.0
+    """Fraction of each dataset's examples kept out of training for the validation loss, chosen by a hash of the
+    example's key (its file or shard name), so an example stays on its side when others are added or removed."""
+    holdout_count: int = 0
+    """Instead of ``holdout``: this many examples of each dataset (those of the smallest key hashes)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -172,6 +213,20 @@ class DataConfig:
         )
         _require(self.max_image_pixels >= 1, "max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
         _require(self.read_threads >= 1, "read_threads", f"must be >= 1, got {self.read_threads}")
+        if self.datasets:
+            _require(not self.path, "datasets", f"set either path ({self.path!r}) or datasets, not both")
+            _require(not self.synthetic, "datasets", "set either synthetic or datasets")
+            weighted = [d.weight is not None for d in self.datasets]
+            _require(all(weighted) or not any(weighted), "datasets", "set weight on every dataset or on none")
+        _require(0.0 <= self.holdout < 1.0, "holdout", f"must be in [0, 1), got {self.holdout}")
+        _require(self.holdout_count >= 0, "holdout_count", f"must be >= 0, got {self.holdout_count}")
+        _require(
+            not (self.holdout and self.holdout_count),
+            "holdout_count",
+            f"set either holdout ({self.holdout}) or holdout_count, not both",
+        )
+        _require(not (self.synthetic and self.has_holdout), "holdout", "the synthetic set has no held-out split")
+
         if self.cache_local_dir is not None:
             _require(
                 is_remote(self.cache_dir or "") and not is_remote(self.cache_local_dir),
@@ -179,6 +234,10 @@ class DataConfig:
                 f"is the local copy of a gs:// cache_dir: a local path, with cache_dir a bucket URL (cache_dir is "
                 f"{self.cache_dir!r}, cache_local_dir {self.cache_local_dir!r})",
             )
+
+    @property
+    def has_holdout(self) -> bool:
+        return bool(self.holdout or self.holdout_count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +458,8 @@ class ValidationConfig:
     base_dtype: Literal["fp32", "bf16", "fp8"] = "fp8"
     """Storage dtype of ``base`` (frozen and only sampled: fp8 halves its HBM); sharded like the training base."""
     loss_cache: str = ""
-    """A held-out dataset (a `flux-jax cache` directory, or cached examples) for the validation loss; "" = none."""
+    """A held-out dataset (a `flux-jax cache` directory, or cached examples) for the validation loss; "" = the
+    held-out split of the training caches when ``data.holdout`` / ``data.holdout_count`` is set, else none."""
     loss_batches: int = 1
     """Batches of the training micro-batch size the validation loss averages over."""
     loss_seed: int = 0
@@ -430,12 +490,6 @@ class ValidationConfig:
         _require(self.cfg >= 1.0, "cfg", f"must be >= 1 (1 = no true CFG), got {self.cfg}")
         _require(self.batch >= 1, "batch", f"must be >= 1, got {self.batch}")
         _require(self.loss_batches >= 1, "loss_batches", f"must be >= 1, got {self.loss_batches}")
-        if self.enabled:
-            _require(
-                bool(self.prompts or self.prompts_file or self.loss_cache),
-                "every",
-                "is set, but there is nothing to validate: set prompts (or prompts_file) and/or loss_cache",
-            )
 
     @property
     def enabled(self) -> bool:
@@ -461,6 +515,22 @@ class RunConfig:
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     output_dir: str = "runs/default"
 
+    def __post_init__(self) -> None:
+        v = self.validation
+        if v.enabled:  # here, not in ValidationConfig: the held-out split is the data section's
+            _require(
+                bool(v.samples or v.loss_cache or self.data.has_holdout),
+                "validation.every",
+                "is set, but there is nothing to validate: set prompts (or prompts_file) and/or loss_cache (or "
+                "data.holdout)",
+            )
+        _require(
+            not (v.loss_cache and self.data.has_holdout),
+            "validation.loss_cache",
+            "set either loss_cache or data.holdout / data.holdout_count (the held-out split the validation loss "
+            "then reads), not both",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists: safe to ``yaml.safe_dump`` and to load back unchanged."""
         return typed_config.plain(self)
@@ -476,8 +546,8 @@ class RunConfig:
         if self.model.preset is not None:
             if self.model.preset not in PRESETS:
                 problems.append(f"model.preset {self.model.preset!r} is not one of {sorted(PRESETS)}")
-        if require_data and not self.data.path:
-            problems.append("data.path is empty")
+        if require_data and not (self.data.path or self.data.datasets):
+            problems.append("data.path is empty (and no data.datasets)")
         if not self.output_dir:
             problems.append("output_dir is empty")
         if problems:
@@ -508,6 +578,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DatasetConfig",
     "EncodersConfig",
     "LogConfig",
     "LoraConfig",

@@ -39,7 +39,6 @@ from flux_jax.train.state import (
     state_shardings_for,
 )
 from flux_jax.train.step import StepCompiler
-from tests.helpers.compile_cache import persistent_compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -48,12 +47,7 @@ KERNEL_ONLY_RULES = tuple((name, None if name == "lora_feature" else target) for
 REPLICATED_RULES = tuple((name, None) for name, _ in DEFAULT_RULES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _setup(tmp_path_factory):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 
 @dataclasses.dataclass

@@ -36,7 +36,6 @@ from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.loop import train
 from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.validation import open_loss_source
-from tests.helpers.compile_cache import persistent_compile_cache
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -44,12 +43,7 @@ T5_LEN = 16
 RECORDS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import logging
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,7 +27,6 @@ from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.run_config import load_config
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.state import flat_params, split_trainable
-from tests.helpers.compile_cache import persistent_compile_cache
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -37,13 +35,7 @@ FIELDS = ("latents", "t5", "clip", "height", "width", "bucket", "group", "repeat
 CACHING = "no complete latent cache in"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """The same tiny step and encoders are compiled by every run here (and by test_train_loop.py's runs)."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -33,21 +33,13 @@ from flux_jax.train.lora_sources import export_lora
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.step import eval_loss
-from tests.helpers.compile_cache import persistent_compile_cache
 from tests.helpers.leases import a_dead_pid, live_owner, write_owner
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FAST = ["log.tensorboard=false", "checkpoint.async_save=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """Share compiled programs between the runs of this session's trainer tests (the same tiny model and step are
-    built several times; the subprocess runs of test_train_resume.py read the same cache)."""
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 
 def config(tmp_path: Path, *overrides: str):

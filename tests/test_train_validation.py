@@ -43,7 +43,7 @@ from flux_jax.train.state import split_trainable
 from flux_jax.train.step import STEP_KEYS, eval_loss
 from flux_jax.train.validation import MARKER, SAMPLES_DIR, sampling_graphdef
 from flux_jax.weights.writers import write_flux_bfl
-from tests.helpers.compile_cache import child_env, persistent_compile_cache
+from tests.helpers.compile_cache import child_env
 from tests.helpers.gcs_server import fake_gcs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +60,7 @@ COMMON = [
     "log.tensorboard=false",
 ]
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (conftest.py forces 8 fake CPU devices)")
-    with persistent_compile_cache(tmp_path_factory.getbasetemp() / "train-xla-cache"):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("train_compile_cache")]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ checks every file against the sizes and CRC-32s in cache.json and is a no-op whe
 (a file deleted, truncated or changed) encodes again only the records that no longer read back intact. Bad
 inputs are converted or skipped and listed in ``<cache_dir>/report.json``; ``--strict`` makes any of them an
 error before anything is written. `flux-jax train` runs the same build itself when it finds no complete cache;
-this command builds it ahead (e.g. on other machines, or to read the report before training).
+this command builds it ahead (e.g. on other machines, or to read the report before training). With
+``data.datasets`` it builds (or checks) each dataset's cache in turn.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     from flux_jax.data.cache import build_cache
+    from flux_jax.data.mixing import dataset_views
     from flux_jax.run_config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    summary = build_cache(cfg, strict=args.strict or None, force=args.force, progress=not args.no_progress)
-    print(summary.describe())
+    for view in dataset_views(cfg):  # each of data.datasets has its own cache
+        summary = build_cache(view, strict=args.strict or None, force=args.force, progress=not args.no_progress)
+        print(summary.describe())
     return 0

@@ -1027,6 +1027,8 @@ def _finalize(
             "bucket": [it.bucket for it in items],
             "group": [it.group for it in items],
             "repeats": [it.repeats for it in items],
+            # The example each record is of (its file or shard name): what data.holdout hashes (`mixing`).
+            "key": [it.key for it in items],
         },
         "settings": settings,
         "files": _dataset_files(cache_dir, dataset, shard_table),

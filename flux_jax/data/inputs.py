@@ -3,7 +3,9 @@
 - ``data.synthetic``: the built-in synthetic set (shaped by the model: needs its config);
 - a directory holding a cached-example ``index.json`` (``flux_jax.data.examples``);
 - anything else: the latent cache of ``flux-jax cache`` (``flux_jax.data.pipeline``: grain, buckets, repeats,
-  caption dropout), found from ``data.path`` / ``data.cache_dir``.
+  caption dropout), found from ``data.path`` / ``data.cache_dir``;
+- ``data.datasets`` or a held-out split (``data.holdout``): one such cache per dataset, mixed by weight and
+  without the held-out examples (``flux_jax.data.mixing``).
 
 Opening validates the dataset, so a bad path fails before the (possibly 12B-parameter) base is built. Before
 opening, `prepare_train_data` builds the latent cache when images have none complete yet (`flux-jax train`
@@ -26,6 +28,7 @@ from flux_jax.data.examples import (
     ExampleSource,
     synthetic_examples,
 )
+from flux_jax.data.mixing import dataset_views, make_mixed_iterator, uses_mixing
 from flux_jax.data.pipeline import make_train_iterator
 from flux_jax.errors import ConfigError, DataError
 from flux_jax.model.config import FluxConfig
@@ -42,10 +45,14 @@ def prepare_train_data(
 ) -> CacheSummary | None:
     """Build what `open_train_data` reads when it is missing: the latent cache of images whose cache is not
     complete (`cache.build_missing_cache`: a partial one is continued; a complete one is left to the checks of
-    `open_train_data`). None when nothing was built: the synthetic set, cached examples, a complete cache."""
-    if cfg.data.synthetic or (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
+    `open_train_data`), for each of ``data.datasets`` in turn. None when nothing was built: the synthetic set,
+    cached examples, complete caches; else the summary of the last cache built."""
+    if cfg.data.synthetic or (not cfg.data.datasets and (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file()):
         return None
-    return build_missing_cache(cfg, progress=progress, devices=devices)
+    built = None
+    for view in dataset_views(cfg):
+        built = build_missing_cache(view, progress=progress, devices=devices) or built
+    return built
 
 
 def open_train_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tuple[DataIterator, ExampleSource]:
@@ -61,8 +68,18 @@ def open_train_data(cfg: RunConfig, model_cfg: FluxConfig | None = None) -> tupl
             resolution=cfg.data.resolution,
             seed=cfg.data.shuffle_seed,
         )
-    elif (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
+    elif not cfg.data.datasets and (pathlib.Path(cfg.data.path) / INDEX_NAME).is_file():
+        if cfg.data.has_holdout:
+            raise ConfigError(
+                "data.holdout splits `flux-jax cache` latent caches; cached examples have no example keys to split "
+                "by; set data.holdout=0 (and validation.loss_cache to held-out examples)",
+                key="data.holdout",
+            )
         source = CachedExamples(cfg.data.path)
+    elif uses_mixing(cfg):
+        return make_mixed_iterator(
+            cfg, process_index=host, process_count=hosts, batch_size_per_host=cfg.train.batch_size // hosts
+        )
     else:
         pipeline = make_train_iterator(
             cfg, process_index=host, process_count=hosts, batch_size_per_host=cfg.train.batch_size // hosts

@@ -59,12 +59,16 @@ class EpochPlanner:
         global_batch: int,
         seed: int,
         caption_dropout: float,
+        salt: tuple[int, ...] = (),
     ):
+        """``salt``: more words of the shuffle seed, so several datasets of one run draw apart (`mixing`); the
+        empty salt is the stream of a single dataset."""
         if global_batch < 1:
             raise DataError(f"global batch must be >= 1, got {global_batch}")
         self.global_batch = global_batch
         self.seed = seed
         self.caption_dropout = caption_dropout
+        self.salt = tuple(int(w) for w in salt)
         groups: dict[int, list[int]] = {}
         for record, group in enumerate(record_group):
             groups.setdefault(int(group), []).append(record)
@@ -92,7 +96,7 @@ class EpochPlanner:
         return plan
 
     def _make(self, epoch: int) -> list[PlannedBatch]:
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = np.random.default_rng([self.seed, *self.salt, epoch])
         order = self.appearances[rng.permutation(len(self.appearances))]
         picks = rng.random(len(order))
         drops = rng.random(len(order)) < self.caption_dropout
@@ -121,6 +125,30 @@ class EpochPlanner:
 
     def batch(self, index: int) -> PlannedBatch:
         return self.epoch(index // self.batches_per_epoch)[index % self.batches_per_epoch]
+
+
+def load_batch(cache: Any, planned: PlannedBatch, lo: int, rows: int) -> dict[str, np.ndarray]:
+    """Rows ``[lo, lo + rows)`` of the planned global batch, read from ``cache`` (see `TrainIterator`)."""
+    records = planned.records[lo : lo + rows]
+    drops = planned.drop_caption[lo : lo + rows]
+    examples = cache.read_many(records)
+    gh, gw = cache.buckets[planned.bucket].tokens
+    text = {}
+    # A dropped caption is the empty caption's: its cached states, or (online) its token ids, which the step
+    # then encodes into those same states.
+    for name in text_fields(cache.online):
+        text[name] = np.stack([e[name] for e in examples])
+        text[name][drops] = cache.empty[name]
+    ids = image_ids(gh, gw)
+    return {
+        "latents": np.stack([e["latents"] for e in examples]),
+        **text,
+        "img_ids": np.broadcast_to(ids, (len(records), *ids.shape)).copy(),
+        "height": np.full(len(records), gh, np.int32),
+        "width": np.full(len(records), gw, np.int32),
+        "record": records.copy(),
+        "caption_dropped": drops.copy(),
+    }
 
 
 class TrainIterator:
@@ -175,28 +203,7 @@ class TrainIterator:
             self._iter.set_state({"next_index": next_batch})
 
     def _load(self, index: int) -> dict[str, np.ndarray]:
-        planned = self.planner.batch(index)
-        lo = self.process_index * self.rows
-        records = planned.records[lo : lo + self.rows]
-        drops = planned.drop_caption[lo : lo + self.rows]
-        examples = self.cache.read_many(records)
-        gh, gw = self.cache.buckets[planned.bucket].tokens
-        text = {}
-        # A dropped caption is the empty caption's: its cached states, or (online) its token ids, which the step
-        # then encodes into those same states.
-        for name in text_fields(self.cache.online):
-            text[name] = np.stack([e[name] for e in examples])
-            text[name][drops] = self.cache.empty[name]
-        ids = image_ids(gh, gw)
-        return {
-            "latents": np.stack([e["latents"] for e in examples]),
-            **text,
-            "img_ids": np.broadcast_to(ids, (len(records), *ids.shape)).copy(),
-            "height": np.full(len(records), gh, np.int32),
-            "width": np.full(len(records), gw, np.int32),
-            "record": records.copy(),
-            "caption_dropped": drops.copy(),
-        }
+        return load_batch(self.cache, self.planner.batch(index), self.process_index * self.rows, self.rows)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -238,18 +245,25 @@ class TrainIterator:
         return self.get_state()["next_batch"] // self.batches_per_epoch
 
 
+def open_cache(cfg: Any) -> LatentCacheReader:
+    """``cfg``'s complete latent cache, checked: a damaged one is refused (`LatentCacheReader`), and so is one built
+    from other data or settings (`cache.check_built_from`). A bucket cache is read from this host's local copy,
+    mirrored first (its settings checked before any download)."""
+    cache_dir = resolve_cache_dir(cfg)
+    remote = remote_cache(cfg)
+    if remote is not None:
+        remote.mirror(check=lambda info: check_built_from(cfg, remote.url, info))
+    cache = LatentCacheReader(cache_dir)
+    check_built_from(cfg, cache_dir, cache.info)
+    return cache
+
+
 def make_train_iterator(cfg: Any, *, process_index: int, process_count: int, batch_size_per_host: int) -> TrainIterator:
     """The iterator over ``cfg``'s complete latent cache (`resolve_cache_dir`; built by `flux-jax cache`, or by the
     trainer's `inputs.prepare_train_data` just before). Refuses a damaged cache (`LatentCacheReader`) and one
     built from other data or settings (`cache.check_built_from`)."""
-    cache_dir = resolve_cache_dir(cfg)
-    remote = remote_cache(cfg)
-    if remote is not None:  # a bucket cache: every host reads its local copy (checked before any download)
-        remote.mirror(check=lambda info: check_built_from(cfg, remote.url, info))
-    cache = LatentCacheReader(cache_dir)
-    check_built_from(cfg, cache_dir, cache.info)
     return TrainIterator(
-        cache,
+        open_cache(cfg),
         global_batch=batch_size_per_host * process_count,
         process_index=process_index,
         process_count=process_count,

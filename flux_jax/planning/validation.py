@@ -139,7 +139,8 @@ class ValidationMemory:
     sampling: int
     """The denoising loop's peak beyond its weights and prompts: activations, latents, velocities."""
     decoding: int
-    """The VAE decode's peak beyond its weights: decoder activations and the float32 images."""
+    """The VAE decode's peak beyond its weights: one image's decoder activations (the sampler decodes one at a time)
+    and its float32 pixels."""
     flops: float | None = None
     """Per-chip matmul FLOPs of one validation: the ``steps`` denoising steps and the decode."""
     from_compiler_error: bool = False
@@ -299,6 +300,7 @@ def plan_validation(
     vae_params = jax.tree.map(lambda p: _sds(p, host), vae_params)
     f = vae_config.spatial_factor
     latents = jax.ShapeDtypeStruct((images, tokens, architecture.in_channels), jnp.float32, sharding=host)
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=host)  # the decoder runs one image at a time
     vae_decode = functools.partial(decode, vae_graph, config=vae_config, unscale_dtype=state, h=spec.height // f,
                                    w=spec.width // f)  # fmt: skip
 
@@ -316,14 +318,14 @@ def plan_validation(
     try:
         with use_mesh(mesh, cfg.mesh.rules):
             step = _compile(loop, *loop_args)
-        decoder = _compile(vae_decode, vae_params, latents)  # outside the mesh: a one-device program
+        decoder = _compile(vae_decode, vae_params, latents, index)  # outside the mesh: a one-device program
     except jax.errors.JaxRuntimeError as e:
         oom = parse_oom(str(e))
         if oom is None:
             raise
         note = f"the TPU compiler ran out of HBM compiling the sampler: it needs {oom[0] / 2**30:.2f} GiB per chip"
         return ValidationMemory(sampling=oom[0], decoding=0, from_compiler_error=True, **common), (*notes, note)
-    flops = hlo_flops.count_flops(step.as_text()).flops + hlo_flops.count_flops(decoder.as_text()).flops
+    flops = hlo_flops.count_flops(step.as_text()).flops + images * hlo_flops.count_flops(decoder.as_text()).flops
     memory = ValidationMemory(sampling=_working_bytes(step, weights + call_text),
                               decoding=_working_bytes(decoder, vae_bytes), flops=flops, **common)  # fmt: skip
     return memory, notes

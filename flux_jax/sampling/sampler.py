@@ -171,13 +171,26 @@ def denoise(
 
 
 def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, latents: jax.Array, *, config: VAEConfig, unscale_dtype, h: int, w: int
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    latents: jax.Array,
+    index: jax.Array,
+    *,
+    config: VAEConfig,
+    unscale_dtype,
+    h: int,
+    w: int,
 ) -> jax.Array:
-    """Packed latents [B, L, 4C] of an h x w latent grid -> the VAE's output [B, H, W, 3], about [-1, 1], float32.
+    """Image ``index`` of packed latents [B, L, 4C] on an h x w latent grid -> the VAE's output [1, H, W, 3], about
+    [-1, 1], float32.
 
+    One image per call: the decoder's activations grow with the images decoded together (FLUX.1's decoder needs
+    about 3 GiB per 1024 px image), so a batch of validation pictures decoded at once could need more HBM than the
+    training step, and one program (``index`` is traced) serves every batch size.
     ``unscale_dtype``: where ``z / scale + shift`` is computed (diffusers: the pipeline dtype; BFL, ComfyUI: f32).
     """
     decoder = nnx.merge(graphdef, params)
+    latents = jax.lax.dynamic_slice_in_dim(latents, index, 1, axis=0)
     z = denormalize_latents(unpack_latents(latents, h, w).astype(unscale_dtype), config)
     x = decoder(z).astype(jnp.float32)  # the convolutions cast to the VAE dtype
     return constrain(x, (None, None, None, None))
@@ -345,11 +358,13 @@ class FluxSampler:
         """Packed latents -> the VAE's float32 output [B, H, W, 3] (about [-1, 1]) on this host."""
         f = self.vae_config.spatial_factor
         unscale = DTYPES[self.dtype] if settings.match == "diffusers" else jnp.float32
+        images = []
         with use_mesh(self.mesh, self.rules):
-            x = self._decode(
-                self._decoder[1], latents, unscale_dtype=unscale, h=settings.height // f, w=settings.width // f
-            )
-        return np.asarray(x.addressable_data(0))  # replicated: every host holds all of it
+            for i in range(latents.shape[0]):  # one at a time (see `decode`)
+                x = self._decode(self._decoder[1], latents, np.int32(i), unscale_dtype=unscale,
+                                 h=settings.height // f, w=settings.width // f)  # fmt: skip
+                images.append(np.asarray(x.addressable_data(0)))  # replicated: every host holds all of it
+        return np.concatenate(images)
 
     def decode(self, latents: jax.Array, settings: SampleSettings) -> np.ndarray:
         """Packed latents -> uint8 images [B, H, W, 3], with ``settings.match``'s un-scaling and rounding."""

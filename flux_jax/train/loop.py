@@ -28,12 +28,13 @@ import optax
 from etils import epath
 from tqdm import tqdm
 
-from flux_jax.data.cache import DEMO_ENCODERS, resolve_cache_dir
+from flux_jax.data.cache import DEMO_ENCODERS
 from flux_jax.data.encoding import TextTowers, load_text_towers, resolve_encoder_paths
 from flux_jax.data.examples import (
     DataIterator,
 )
 from flux_jax.data.inputs import check_fits, needs_model, open_train_data, prepare_train_data
+from flux_jax.data.mixing import first_cache_dir
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.hardware import peak_flops
 from flux_jax.model.config import FluxConfig
@@ -51,7 +52,7 @@ from flux_jax.train.optim import build_optimizer, build_schedule
 from flux_jax.train.preemption import PreemptionWatcher
 from flux_jax.train.state import TrainState, abstract_like, flat_params, init_train_state, split_trainable
 from flux_jax.train.step import StepCompiler, check_batch_split, micro_batches
-from flux_jax.train.validation import build_validation, check_validation, completed
+from flux_jax.train.validation import build_validation, check_validation, completed, with_held_out_split
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def _optim_changes(saved_meta: dict, cfg: RunConfig) -> list[str]:
 def online_text(cfg: RunConfig, *, mesh: Any, rules: Any, model_cfg: FluxConfig) -> tuple[TextTowers, dict]:
     """``encoders.online``: T5 and CLIP, loaded once and placed on the mesh by the run's rules (the encoders the
     cache was built with: the same paths, or the same generated demo encoders in the cache dir)."""
-    paths, _ = resolve_encoder_paths(cfg, resolve_cache_dir(cfg) / DEMO_ENCODERS)
+    paths, _ = resolve_encoder_paths(cfg, first_cache_dir(cfg) / DEMO_ENCODERS)
     log.info("encoders.online: loading T5 %s and CLIP %s (%s) into the train step", paths.t5, paths.clip,
              cfg.encoders.dtype)  # fmt: skip
     text, weights = load_text_towers(paths, mesh=mesh, rules=rules, dtype=cfg.encoders.dtype)
@@ -411,6 +412,7 @@ def setup(
         if prepare_train_data(cfg, progress=progress, devices=devices) is not None:
             gc.collect()  # T5-XXL is ~9 GB in bf16; the encoders' arrays go with their modules' reference cycles
         data, source = (None, None) if needs_model(cfg) else open_train_data(cfg)
+        validation_inputs = with_held_out_split(cfg, validation_inputs)  # the caches are complete now
         checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save, ema=ema)
         undo.callback(checkpointer.close)
         latest = checkpointer.latest_step()

@@ -52,6 +52,7 @@ from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.data.encoding import resolve_encoder_paths
 from flux_jax.data.examples import INDEX_NAME, BatchIterator, CachedExamples, ExampleSource
 from flux_jax.data.inputs import check_fits
+from flux_jax.data.mixing import held_out_source
 from flux_jax.errors import CheckpointError, ConfigError, DataError, FluxJaxError
 from flux_jax.lora_io.combine import combine_text_encoder_loras
 from flux_jax.lora_io.export import path_name
@@ -175,6 +176,26 @@ def open_loss_source(path: str) -> ExampleSource:
     return reader
 
 
+def open_held_out_split(cfg: RunConfig) -> ExampleSource:
+    """The held-out split of the training caches (``data.holdout``): read from the caches the training reads, so
+    only once they are complete (after `inputs.prepare_train_data`)."""
+    source = held_out_source(cfg)
+    if source.online:
+        raise ConfigError(
+            "data.holdout: the validation loss reads the held-out examples' text states, and these caches hold T5 / "
+            "CLIP token ids (encoders.online: true); set validation.loss_cache to a cache of states instead",
+            key="data.holdout",
+        )
+    return source
+
+
+def with_held_out_split(cfg: RunConfig, inputs: ValidationInputs | None) -> ValidationInputs | None:
+    """``inputs`` with the held-out split as the validation loss's examples when ``data.holdout`` names one."""
+    if inputs is None or not cfg.data.has_holdout:
+        return inputs
+    return dataclasses.replace(inputs, loss_source=open_held_out_split(cfg))
+
+
 def check_validation(cfg: RunConfig) -> ValidationInputs | None:
     """The section's inputs, read and checked (cheap; before the base is built), or None when validation is off."""
     v = cfg.validation
@@ -267,6 +288,7 @@ class HeldOutLoss:
         graphdef: nnx.GraphDef,
         template: nnx.State,
         objective: Objective,
+        label: str = "validation.loss_cache",
     ):
         try:
             iterator = BatchIterator(
@@ -277,7 +299,7 @@ class HeldOutLoss:
                 process_count=jax.process_count(),
             )
         except DataError as e:
-            raise DataError(f"validation.loss_cache: {e}") from None
+            raise DataError(f"{label}: {e}") from None
         # This host's rows of each batch, read once: the same examples at every validation step.
         self.batches = [{k: v for k, v in next(iterator).items() if k in STEP_KEYS} for _ in range(batches)]
         base = jax.random.key(seed)
@@ -550,6 +572,7 @@ def build_validation(
             graphdef=graphdef,
             template=template,
             objective=objective,
+            label="validation.loss_cache" if v.loss_cache else "data.holdout",
         )
     return Validation(
         run_dir=run_dir,

@@ -40,6 +40,7 @@ def host(tree: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
+@pytest.mark.slow
 def test_sharded_full_training_lowers_the_loss_matches_one_device_and_splits_params_and_moments(tmp_path):
     trainer, state = setup(config(tmp_path / "sharded", "mesh.data=2", "mesh.fsdp=4"), progress=False)
     assert not any("lora" in k for k in state.lora)  # no adapters: the base's own params train
@@ -80,29 +81,37 @@ def test_sharded_full_training_lowers_the_loss_matches_one_device_and_splits_par
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
-def test_trainable_regex_trains_only_the_matching_params(tmp_path):
+def test_trainable_regex_trains_only_the_matching_params_and_their_sharded_ema(tmp_path):
     pattern = r"^double_blocks\.img_"
-    trainer, state = setup(config(tmp_path, f"train.trainable=['{pattern}']"), progress=False)
+    cfg = config(tmp_path, f"train.trainable=['{pattern}']", "optim.ema_decay=0.9", "mesh.data=2", "mesh.fsdp=4")
+    trainer, state = setup(cfg, progress=False)
     assert state.lora and all(re.search(pattern, k) for k in state.lora)
+    assert {k: v.sharding for k, v in state.ema.items()} == {k: v.sharding for k, v in state.lora.items()}
     initial = host(state.lora)
     frozen = host(flat_params(trainer.frozen))
     assert "double_blocks.txt_attn.qkv.kernel" in frozen and "single_blocks.linear1.kernel" in frozen
     assert not any(re.search(pattern, k) for k in frozen)  # every matching param is in the trainable set
     result = trainer.run(state)
-    trained = host(result.state.lora)
+    trained, ema = host(result.state.lora), host(result.state.ema)
     assert all(not np.array_equal(trained[k], initial[k]) for k in trained if k.endswith(".kernel"))
+    assert all(not np.array_equal(ema[k], trained[k]) for k in trained if k.endswith(".kernel"))
     for k, v in host(flat_params(trainer.frozen)).items():
         np.testing.assert_array_equal(v, frozen[k], err_msg=k)  # bit-identical
 
 
+@pytest.mark.slow
 def test_stop_then_resume_reproduces_the_uninterrupted_run_bit_exactly(tmp_path):
-    whole = setup(config(tmp_path / "whole"), progress=False)
+    # The first test's mesh (and program): restore puts every fsdp shard of the params and moments back in place.
+    mesh = ["mesh.data=2", "mesh.fsdp=4"]
+    whole = setup(config(tmp_path / "whole", *mesh), progress=False)
     want = host(whole[0].run(whole[1]).state.lora)
 
     out = tmp_path / "stopped"
-    first = setup(config(out, "train.steps=2"), progress=False)
+    first = setup(config(out, "train.steps=2", *mesh), progress=False)
     assert first[0].run(first[1]).step == 2  # saves at its last step: the stop
-    trainer, state = setup(config(out), progress=False)
+    trainer, state = setup(config(out, *mesh), progress=False)
+    kernel = state.lora["double_blocks.img_attn.qkv.kernel"]
+    assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # restored as shards, not whole
     assert int(state.step) == 2 and trainer.data.get_state() == first[0].data.get_state()
     got = host(trainer.run(state).state.lora)
     for k in want:

@@ -540,13 +540,18 @@ class RunConfig:
                 self.model.base_dtype == "fp32",
                 "model.base_dtype",
                 f"is {self.model.base_dtype!r}, but train.mode: full trains the base, whose master weights must be "
-                "fp32 (bf16/fp8 masters are not supported); set model.base_dtype: fp32 (compute stays "
+                "fp32 (bf16/fp8 masters are not supported yet); set model.base_dtype: fp32 (compute stays "
                 "model.compute_dtype)",
             )
             _require(
                 self.lora.init_from is None,
                 "lora.init_from",
                 "starts LoRA adapters, but train.mode: full trains the base without adapters; unset it",
+            )
+            _require(
+                not self.validation.base,
+                "validation.base",
+                "samples a LoRA on another base, but train.mode: full trains the base itself; unset it",
             )
 
     def to_dict(self) -> dict[str, Any]:

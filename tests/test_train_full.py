@@ -140,6 +140,7 @@ def test_a_lora_checkpoint_is_refused_in_full_mode(tmp_path):
         (["model.base_dtype=fp8"], r"model\.base_dtype: is 'fp8'"),
         (["train.mode=lora", "train.trainable=['x']"], r"train\.trainable: .*lora mode"),
         (["train.trainable=['(']"], r"train\.trainable\[0\]: '\(' is not a regular expression"),
+        (["validation.base=elsewhere"], r"validation\.base: .*train\.mode: full trains the base itself"),
     ],
 )
 def test_bad_full_mode_settings_are_config_errors(tmp_path, overrides, message):

@@ -1,13 +1,17 @@
 """Full fine-tuning (``train.mode: full``) on the tiny Flux over the 8 fake CPU devices: the loss falls, data 2 x
 fsdp 4 trains the same params as one device, the params and optimizer state are split over fsdp (no chip holds a
 full copy), ``train.trainable`` trains only what it matches, a stopped run resumes bit-exactly, a checkpoint of
-the other mode is refused in one line, non-fp32 masters are refused, and ``flux-jax plan``'s abstract step builds."""
+the other mode is refused in one line, kill -9 mid-run resumes bit-exactly too, non-fp32 masters are refused, and ``flux-jax plan``'s abstract step builds."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +28,7 @@ from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.loop import setup
 from flux_jax.train.state import flat_params, per_device_bytes
 from flux_jax.train.step import eval_loss
+from tests.helpers.compile_cache import child_env
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FULL = ["train.mode=full", "optim.lr=3e-4", "log.tensorboard=false", "checkpoint.async_save=false"]
@@ -159,3 +164,35 @@ def test_plan_builds_the_full_mode_step(tmp_path):
     assert step.adapted == () and "final_layer.linear.kernel" in step.state.lora
     compiled = step.compile(step.batch(batch_size=8, grad_accum=1, resolution=64, text_len=8))
     assert compiled is not None
+
+
+@pytest.mark.slow
+def test_kill9_mid_run_then_resume_reproduces_the_uninterrupted_params(tmp_path, tmp_path_factory):
+    steps, every = 40, 4
+    args = ["train.mode=full", "optim.lr=3e-4", f"train.steps={steps}", f"checkpoint.every={every}", "mesh.data=2",
+            "mesh.fsdp=4", "log.tensorboard=false"]  # fmt: skip
+    reference = setup(load_config(TINY, [f"output_dir={tmp_path / 'whole'}", *args]), progress=False)
+    want = host(reference[0].run(reference[1]).state.lora)
+
+    out = tmp_path / "killed"
+    env = child_env(tmp_path_factory.getbasetemp() / "train-xla-cache")  # the conftest fixture's cache
+    command = [sys.executable, "-m", "flux_jax.cli", "train", "--config", str(TINY), f"output_dir={out}", *args,
+               "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, cwd=TINY.parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 2 * every for p in ckpts.iterdir())):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach its second checkpoint"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+    assert steps not in done  # killed mid-run
+
+    trainer, state = setup(load_config(TINY, [f"output_dir={out}", *args]), progress=False)
+    assert every <= int(state.step) < steps
+    got = host(trainer.run(state).state.lora)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # bit-exact

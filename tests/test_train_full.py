@@ -1,7 +1,8 @@
 """Full fine-tuning (``train.mode: full``) on the tiny Flux over the 8 fake CPU devices: the loss falls, data 2 x
 fsdp 4 trains the same params as one device, the params and optimizer state are split over fsdp (no chip holds a
-full copy), ``train.trainable`` trains only what it matches, a stopped run resumes bit-exactly, a checkpoint of
-the other mode is refused in one line, kill -9 mid-run resumes bit-exactly too, non-fp32 masters are refused, and ``flux-jax plan``'s abstract step builds."""
+full copy), ``train.trainable`` trains only what it matches, a stopped (or kill -9ed) run resumes bit-exactly, a
+checkpoint of the other mode is refused in one line, non-fp32 masters are refused, and ``flux-jax plan``'s abstract
+step builds."""
 
 from __future__ import annotations
 

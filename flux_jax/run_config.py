@@ -12,6 +12,7 @@ Parsing a config has no side effects: it never initialises jax.distributed or to
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -278,6 +279,12 @@ class EncodersConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    mode: Literal["lora", "full"] = "lora"
+    """``lora``: train adapters on a frozen base. ``full``: train the base's own parameters (those ``trainable``
+    selects), no adapters; the base must then be fp32 masters (``model.base_dtype: fp32``)."""
+    trainable: tuple[str, ...] = ()
+    """Full mode: regexes (``re.search``) over dotted parameter paths, e.g. ``double_blocks\\.`` (a parameter
+    trains if any matches); empty = every parameter. Lora mode: must be empty (``lora.targets`` selects)."""
     steps: int = 1000
     """Optimizer updates (not micro-batches)."""
     seed: int = 0
@@ -305,6 +312,16 @@ class TrainConfig:
             self.batch_size % self.grad_accum == 0,
             "batch_size",
             f"{self.batch_size} is not divisible by grad_accum {self.grad_accum}",
+        )
+        for i, pattern in enumerate(self.trainable):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                _require(False, f"trainable[{i}]", f"{pattern!r} is not a regular expression ({e})")
+        _require(
+            self.mode == "full" or not self.trainable,
+            "trainable",
+            "selects base parameters for train.mode: full; in lora mode lora.targets selects what trains",
         )
         _require(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
         _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
@@ -530,6 +547,25 @@ class RunConfig:
             "set either loss_cache or data.holdout / data.holdout_count (the held-out split the validation loss "
             "then reads), not both",
         )
+        if self.train.mode == "full":
+            # No bf16/fp8 trainable masters yet: their updates would round away without stochastic rounding.
+            _require(
+                self.model.base_dtype == "fp32",
+                "model.base_dtype",
+                f"is {self.model.base_dtype!r}, but train.mode: full trains the base, whose master weights must be "
+                "fp32 (bf16/fp8 masters are not supported yet); set model.base_dtype: fp32 (compute stays "
+                "model.compute_dtype)",
+            )
+            _require(
+                self.lora.init_from is None,
+                "lora.init_from",
+                "starts LoRA adapters, but train.mode: full trains the base without adapters; unset it",
+            )
+            _require(
+                not self.validation.base,
+                "validation.base",
+                "samples a LoRA on another base, but train.mode: full trains the base itself; unset it",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts and lists: safe to ``yaml.safe_dump`` and to load back unchanged."""

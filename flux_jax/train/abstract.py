@@ -38,6 +38,7 @@ from flux_jax.train.state import (
     flat_params,
     split_trainable,
     state_shardings_for,
+    trainable_for,
 )
 from flux_jax.train.step import StepCompiler, check_batch_split
 
@@ -107,7 +108,7 @@ def abstract_step(
     model_cfg, why = with_attention(cfg.model, model_config, device=mesh.devices.flat[0])
     check_batch_split(cfg.train.batch_size, cfg.train.grad_accum, mesh)
     seed = cfg.train.seed
-    adapters = Adapters.from_config(cfg.lora)
+    adapters = None if cfg.train.mode == "full" else Adapters.from_config(cfg.lora)
     adapted: list[str] = []
 
     def make() -> nnx.Module:
@@ -116,7 +117,7 @@ def abstract_step(
 
     with use_mesh(mesh, rules):
         model = nnx.eval_shape(make)  # the trainer's own builder, traced for shapes only
-    graphdef, lora_state, frozen = split_trainable(model)
+    graphdef, lora_state, frozen = split_trainable(model, trainable_for(cfg.train))
     # The trainer places every variable by its logical axes; the same function on shapes.
     frozen = jax.tree.map(_sds, frozen, state_shardings(frozen, mesh, rules))
     lora_sh = flat_params(state_shardings(lora_state, mesh, rules))

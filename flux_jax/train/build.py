@@ -84,9 +84,10 @@ def attach_lora(model: Flux, adapters: Adapters, *, seed: int) -> list[str]:
 
 
 def lora_model(
-    cfg: FluxConfig, model_cfg: ModelConfig, adapters: Adapters, *, seed: int, abstract_base: bool = False
+    cfg: FluxConfig, model_cfg: ModelConfig, adapters: Adapters | None, *, seed: int, abstract_base: bool = False
 ) -> tuple[Flux, list[str]]:
-    """A random base of architecture ``cfg`` stored as ``model_cfg`` says, with ``adapters`` attached.
+    """A random base of architecture ``cfg`` stored as ``model_cfg`` says, with ``adapters`` attached (none when
+    ``adapters`` is None: ``train.mode: full`` trains the base itself).
 
     Pure in ``seed``: the trainer jits it with sharded outputs and ``flux-jax plan`` traces it with
     ``nnx.eval_shape`` (shapes, dtypes and logical axes only). ``abstract_base``: only the base is shapes, the
@@ -104,6 +105,8 @@ def lora_model(
         )
 
     model = nnx.eval_shape(base) if abstract_base else base()
+    if adapters is None:
+        return model, []
     return model, attach_lora(model, adapters, seed=seed)
 
 
@@ -126,7 +129,7 @@ def base_architecture(model_cfg: ModelConfig) -> FluxConfig:
 
 def build_model(
     model_cfg: ModelConfig,
-    lora_cfg: LoraConfig,
+    lora_cfg: LoraConfig | None,
     *,
     mesh: Mesh,
     rules: Rules,
@@ -136,7 +139,7 @@ def build_model(
     """The run's model: the frozen base (loaded from ``model.base``, or random of shape ``model.preset``, or of
     ``architecture`` when given, e.g. a reduced-depth benchmark) with LoRA attached, every variable created in its
     sharding, running the attention kernel ``model.attention`` resolves to on the mesh's devices (``with_attention``).
-    Returns (model, adapted module paths).
+    Returns (model, adapted module paths). ``lora_cfg`` None: no adapters (``train.mode: full``).
 
     The model with adapters is first built abstractly; its shardings come from the logical axes. A random base
     and the adapters are then created by one jitted function with those ``out_shardings`` (one compile instead
@@ -166,7 +169,7 @@ def build_model(
     # The returned model's graphdef comes from `make`, so this choice is the kernel it runs (for a loaded base the
     # same one load_flux resolved).
     model_cfg, _ = with_attention(model_cfg, cfg, device=mesh.devices.flat[0])
-    adapters = Adapters.from_config(lora_cfg)
+    adapters = None if lora_cfg is None else Adapters.from_config(lora_cfg)
     adapted: list[str] = []
 
     def make() -> Flux:
@@ -177,6 +180,8 @@ def build_model(
     if base is None:
         state = jax.jit(lambda: nnx.state(make()), out_shardings=state_shardings(abstract, mesh, rules))()
         return nnx.merge(graphdef, state), adapted
+    if adapters is None:
+        return nnx.merge(graphdef, nnx.state(base)), adapted
     extra_shardings = state_shardings(nnx.filter_state(abstract, ADAPTER_VARIABLES), mesh, rules)
     extra = jax.jit(lambda: nnx.state(make(), ADAPTER_VARIABLES), out_shardings=extra_shardings)()
     return nnx.merge(graphdef, nnx.state(base), extra), adapted

@@ -2,7 +2,8 @@
 
 Layout: ``<output_dir>/checkpoints/<step>/`` with the orbax items
 
-  ``lora``   the trainable params, a flat ``{module path: array}`` dict (what export needs)
+  ``lora``   the trainable params, a flat ``{module path: array}`` dict (what export needs); with
+             ``train.mode: full`` the trained base params (each host writes its shards)
   ``ema``    their EMA, only when optim.ema_decay is set
   ``train``  ``{"step", "opt_state", "rng"}``
   ``data``   the data-iterator state ``{"epoch", "position"}`` (JSON)
@@ -47,7 +48,7 @@ CHECKPOINT_DIR = "checkpoints"
 META_FORMAT = "flux_jax.lora_run"
 META_VERSION = 1
 # Settings that fix the shape or meaning of the saved state: a resumed run must not change them.
-RESUME_INVARIANTS = ("rank", "alpha", "targets", "blocks", "lora_dtype", "ema", "base_config")
+RESUME_INVARIANTS = ("rank", "alpha", "targets", "blocks", "lora_dtype", "trainable", "ema", "base_config")
 
 
 _STORAGE_ERRNOS = {
@@ -145,7 +146,10 @@ def _install_quiet_orbax() -> None:
 
 
 def lora_settings(cfg: RunConfig) -> dict:
-    """The run's LoRA settings as stored in the meta (JSON types)."""
+    """The run's LoRA settings as stored in the meta (JSON types); for ``train.mode: full`` the mode, the trainable
+    patterns and the EMA flag instead (no adapters)."""
+    if cfg.train.mode == "full":
+        return {"mode": "full", "trainable": list(cfg.train.trainable), "ema": cfg.optim.ema_decay is not None}
     return {
         "rank": cfg.lora.rank,
         "alpha": cfg.lora.alpha,
@@ -340,8 +344,15 @@ def check_resume_compatible(saved: dict, current: dict, where: str) -> None:
     """Refuse to resume a run whose LoRA or base changed (the saved tensors would not fit, or mean something else).
 
     Compares the ``RESUME_INVARIANTS`` present in ``current`` (so it can run before the base is built, on the
-    config-level settings, and again once the base config is known).
+    config-level settings, and again once the base config is known). A checkpoint's ``train.mode`` must match first
+    (one line); a meta without ``mode`` is a LoRA run's (written before full training existed).
     """
+    saved_mode, mode = saved.get("mode", "lora"), current.get("mode", "lora")
+    if saved_mode != mode:
+        raise CheckpointError(
+            f"{where}: cannot resume: this checkpoint is a train.mode: {saved_mode} run and the config says "
+            f"train.mode: {mode}; set it back, or use a new output_dir"
+        )
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
         for k in RESUME_INVARIANTS
@@ -398,6 +409,9 @@ def read_lora_weights(
         meta = reader.read_meta(step)
         if use_ema and not meta.get("ema"):
             raise CheckpointError(f"{where}: the run kept no EMA (optim.ema_decay unset); use_ema=True is impossible")
+        if meta.get("mode", "lora") != "lora":
+            raise CheckpointError(f"{where}: a train.mode: {meta['mode']} run holds no LoRA to read (export of "
+                                  "full fine-tuning runs is not supported)")  # fmt: skip
         base_cfg = FluxConfig.from_json(meta.get("base_config"), f"{where}: checkpoint meta base_config")
         adapters = adapters_from_meta(meta, where)
         # The training model's structure, abstractly: shapes and dtypes only, no base weights anywhere.

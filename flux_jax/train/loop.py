@@ -50,7 +50,14 @@ from flux_jax.train.metrics import MetricsWriter, useful_flops_per_sample
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.optim import build_optimizer, build_schedule
 from flux_jax.train.preemption import PreemptionWatcher
-from flux_jax.train.state import TrainState, abstract_like, flat_params, init_train_state, split_trainable
+from flux_jax.train.state import (
+    TrainState,
+    abstract_like,
+    flat_params,
+    init_train_state,
+    split_trainable,
+    trainable_for,
+)
 from flux_jax.train.step import StepCompiler, check_batch_split, micro_batches
 from flux_jax.train.validation import build_validation, check_validation, completed, with_held_out_split
 
@@ -425,8 +432,10 @@ def setup(
             check_resume_compatible(saved_meta, lora_settings(cfg), str(checkpointer.directory / str(latest)))
 
         with use_mesh(mesh, rules):
+            # train.mode: full builds no adapters and trains the base's own (fp32 master) params instead.
+            lora_cfg = None if cfg.train.mode == "full" else cfg.lora
             model, adapted = build.build_model(
-                cfg.model, cfg.lora, mesh=mesh, rules=rules, seed=seed, architecture=architecture
+                cfg.model, lora_cfg, mesh=mesh, rules=rules, seed=seed, architecture=architecture
             )
         model_cfg: FluxConfig = model.config
         if init_from and latest is None:  # a resumed run continues from its checkpoint instead
@@ -436,7 +445,7 @@ def setup(
         if data is None:
             data, source = open_train_data(cfg, model_cfg)
         check_fits(source, model_cfg)
-        graphdef, lora_state, frozen = split_trainable(model)
+        graphdef, lora_state, frozen = split_trainable(model, trainable_for(cfg.train))
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state)
         tx = build_optimizer(cfg.optim, cfg.train.steps)  # accumulation happens inside the step
         state, shardings = init_train_state(flat_params(lora_state), tx, seed=seed, ema=ema, mesh=mesh)

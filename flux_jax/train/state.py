@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from typing import Any
 
 import jax
@@ -22,6 +23,9 @@ import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flux_jax.errors import ConfigError
+from flux_jax.run_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,38 @@ class TrainState:
     """uint32 key data of the run's base key; step ``n`` uses ``fold_in(key, n)``."""
 
 
-def split_trainable(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, LoRA params, everything else). Trainability is the variable type ``nnx.LoRAParam``."""
-    return nnx.split(model, nnx.LoRAParam, ...)
+LORA_TRAINABLE = nnx.LoRAParam
+
+
+def full_trainable(patterns: tuple[str, ...]) -> nnx.filterlib.Filter:
+    """``train.mode: full``'s trainable set: the base's ``nnx.Param`` leaves whose dotted path one of ``patterns``
+    matches (``re.search``); every one of them when ``patterns`` is empty. A model with adapters would leave them
+    out (they are ``LoRAParam``s), but a full-mode model has none: the trainer builds it without."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def select(path: tuple, value: Any) -> bool:
+        if not isinstance(value, nnx.Param) or isinstance(value, nnx.LoRAParam):
+            return False
+        name = ".".join(map(str, path))
+        return not compiled or any(c.search(name) for c in compiled)
+
+    return select
+
+
+def trainable_for(train: TrainConfig) -> nnx.filterlib.Filter:
+    """The run's trainable set: the adapters (``train.mode: lora``) or the base params ``train.trainable`` selects."""
+    return full_trainable(train.trainable) if train.mode == "full" else LORA_TRAINABLE
+
+
+def split_trainable(
+    model: nnx.Module, trainable: nnx.filterlib.Filter = LORA_TRAINABLE
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, trainable params, everything else). Trainability is an nnx filter: the variable type
+    ``nnx.LoRAParam`` for LoRA training, :func:`full_trainable` for full fine-tuning."""
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    if trainable is not LORA_TRAINABLE and not jax.tree.leaves(params):
+        raise ConfigError("nothing to train: no parameter path matches train.trainable", key="train.trainable")
+    return graphdef, params, rest
 
 
 def flat_params(state: nnx.State) -> dict[str, Any]:
@@ -88,7 +121,7 @@ def state_shardings_for(tx: optax.GradientTransformation, lora: dict[str, Any], 
 
 
 def _note_unsplit(shardings: dict[str, Any], lora: dict[str, Any], mesh: Mesh) -> None:
-    """Log (once per state) the LoRA params that stay whole on every fsdp chip: their feature dim is not divisible
+    """Log (once per state) the trainable params that stay whole on every fsdp chip: their feature dim is not divisible
     by the fsdp size (or ``mesh.rules`` maps ``lora_feature`` elsewhere)."""
     fsdp = mesh.shape.get("fsdp", 1)
     if fsdp == 1:
@@ -97,7 +130,7 @@ def _note_unsplit(shardings: dict[str, Any], lora: dict[str, Any], mesh: Mesh) -
     if whole:
         size = sum(math.prod(lora[k].shape) * np.dtype(lora[k].dtype).itemsize for k in whole)
         names = ", ".join(f"{k} {list(lora[k].shape)}" for k in whole[:4]) + (" ..." if len(whole) > 4 else "")
-        log.info("%d of %d LoRA params (%.2f MiB) are not split over fsdp=%d, nor their optimizer state: %s",
+        log.info("%d of %d trainable params (%.2f MiB) are not split over fsdp=%d, nor their optimizer state: %s",
                  len(whole), len(shardings), size / 2**20, fsdp, names)  # fmt: skip
 
 

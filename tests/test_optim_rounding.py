@@ -16,6 +16,7 @@ from flux_jax.errors import ConfigError
 from flux_jax.run_config import OptimConfig, from_dict
 from flux_jax.train.optim import build_optimizer, opt_state_shardings
 from flux_jax.train.rounding import apply_updates, master_params, stochastic_round_bf16
+from flux_jax.train.state import state_shardings_for
 
 N_KEYS = 4096
 
@@ -64,7 +65,7 @@ def test_representable_values_round_to_themselves() -> None:
     samples = rounded_samples(x, 256)
     assert np.all(samples == x[None, :])  # zero variance
     special = np.array([np.inf, -np.inf, np.nan], np.float32)
-    out = np.asarray(stochastic_round_bf16(jnp.asarray(special), jax.random.key(0)).astype(jnp.float32))
+    out = np.asarray(jax.jit(stochastic_round_bf16)(jnp.asarray(special), jax.random.key(0)).astype(jnp.float32))
     assert out[0] == np.inf and out[1] == -np.inf and np.isnan(out[2])
 
 
@@ -260,3 +261,21 @@ def test_state_shardings_follow_the_params_on_8_devices(name: str, master: str) 
     step = jax.jit(tx.update, in_shardings=(sh, state_sh, sh), out_shardings=(None, state_sh))
     _, new_state = step(grads, state, params)
     assert jax.tree.map(lambda a: a.sharding.spec, new_state) == jax.tree.map(lambda a: a.sharding.spec, state)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "lion"])
+def test_opt_state_shardings_is_a_drop_in_for_the_trainers_rule(name: str) -> None:
+    """On LoRA-shaped params (rank < 128: nothing factored) it gives what ``state_shardings_for`` gives today; on a
+    factored param it splits the statistic the trainer's rule would replicate."""
+    mesh = mesh8()
+    lora = {
+        "a": jax.ShapeDtypeStruct((3072, 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", None))),
+        "b": jax.ShapeDtypeStruct((16, 3072), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "fsdp"))),
+    }
+    tx = build_optimizer(OptimConfig(name=name), 10, grad_accum=2)
+    assert opt_state_shardings(tx, lora, mesh) == state_shardings_for(tx, lora, mesh, ema=False).opt_state
+    if name == "adafactor":
+        big = {"w": jax.ShapeDtypeStruct((1024, 256), jnp.float32, sharding=lora["a"].sharding)}
+        ours = [s.spec for s in jax.tree.leaves(opt_state_shardings(tx, big, mesh))]
+        theirs = [s.spec for s in jax.tree.leaves(state_shardings_for(tx, big, mesh, ema=False).opt_state)]
+        assert PartitionSpec("fsdp") in ours and PartitionSpec("fsdp") not in theirs

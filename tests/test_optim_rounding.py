@@ -124,6 +124,8 @@ def test_rounding_is_deterministic_and_independent_of_sharding() -> None:
     assert all(np.array_equal(one[k], again[k]) for k in params)
     assert not np.array_equal(one["a"], other["a"])  # the key matters
     assert not np.array_equal(one["a"], optax.apply_updates(params, updates)["a"])  # and it is not nearest
+    zero = step(params, jax.tree.map(jnp.zeros_like, updates), key)  # MultiSteps' skipped micro-steps
+    assert all(np.array_equal(zero[k], params[k]) for k in params)
 
     mesh = mesh8()
     specs = {"a": PartitionSpec("fsdp", None), "b": PartitionSpec(None, "fsdp")}

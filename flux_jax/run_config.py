@@ -349,6 +349,10 @@ class OptimConfig:
     """Global-norm gradient clipping; None disables it."""
     ema_decay: float | None = None
     """EMA of the trainable weights, kept by the trainer; None disables it."""
+    master_dtype: Literal["fp32", "bf16"] = "fp32"
+    """How updates reach the trainable weights. fp32: added in the weights' own dtype, rounded to nearest. bf16: the
+    weights are stored bf16 and each update is summed in fp32 and rounded to bf16 stochastically (unbiased, so
+    updates below half a bf16 ulp still move the weights on average); the optimizer moments stay fp32."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -551,14 +551,14 @@ class RunConfig:
             "set either loss_cache or data.holdout / data.holdout_count (the held-out split the validation loss "
             "then reads), not both",
         )
+        master = self.optim.master_dtype
         if self.train.mode == "full":
-            # No bf16/fp8 trainable masters yet: their updates would round away without stochastic rounding.
+            # The base is the trainable master: stored as optim.master_dtype says (fp8 masters would lose every update).
             _require(
-                self.model.base_dtype == "fp32",
+                self.model.base_dtype == master,
                 "model.base_dtype",
-                f"is {self.model.base_dtype!r}, but train.mode: full trains the base, whose master weights must be "
-                "fp32 (bf16/fp8 masters are not supported yet); set model.base_dtype: fp32 (compute stays "
-                "model.compute_dtype)",
+                f"is {self.model.base_dtype!r}, but train.mode: full trains the base, whose master weights are "
+                f"optim.master_dtype ({master!r}); set model.base_dtype: {master} (compute stays model.compute_dtype)",
             )
             _require(
                 self.lora.init_from is None,
@@ -569,6 +569,13 @@ class RunConfig:
                 not self.validation.base,
                 "validation.base",
                 "samples a LoRA on another base, but train.mode: full trains the base itself; unset it",
+            )
+        else:
+            _require(
+                master == "fp32" or self.lora.dtype == "bf16",
+                "lora.dtype",
+                f"is {self.lora.dtype!r}, but optim.master_dtype is bf16: the adapters are the master weights; set "
+                "lora.dtype: bf16",
             )
 
     def to_dict(self) -> dict[str, Any]:

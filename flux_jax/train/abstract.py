@@ -139,6 +139,7 @@ def abstract_step(
     state = abstract_like(abstract_state(tx, lora, seed=seed, ema=ema), shardings)
     compiler = StepCompiler(graphdef=graphdef, template=template, frozen=frozen, state_shardings=shardings, tx=tx,
                             objective=Objective.from_config(cfg.train), ema_decay=cfg.optim.ema_decay,
+                            master_dtype=cfg.optim.master_dtype,
                             mesh=mesh, remat=remat if cfg.model.remat == AUTO else None, text=text,
                             encoders=encoders)  # fmt: skip
     return AbstractStep(compiler=compiler, state=state, frozen=compiler.abstract_frozen, model_config=model_config,

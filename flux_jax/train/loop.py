@@ -38,7 +38,7 @@ from flux_jax.data.mixing import first_cache_dir
 from flux_jax.errors import CheckpointError, ConfigError, FluxJaxError
 from flux_jax.hardware import peak_flops
 from flux_jax.model.config import FluxConfig
-from flux_jax.run_config import RunConfig
+from flux_jax.run_config import OptimConfig, RunConfig
 from flux_jax.sharding import make_mesh, use_mesh
 from flux_jax.storage import is_remote, run_path, write_text
 from flux_jax.train import build
@@ -364,7 +364,13 @@ def take_lease(run_dir: epath.Path) -> RunLease | None:
 def _optim_changes(saved_meta: dict, cfg: RunConfig) -> list[str]:
     saved = (saved_meta.get("config") or {}).get("optim") or {}
     now = cfg.to_dict()["optim"]
-    return [f"optim.{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    # A key the checkpoint lacks is newer than it: that run had the key's default.
+    defaults = dataclasses.replace(cfg, optim=OptimConfig()).to_dict()["optim"]
+    return [
+        f"optim.{k}: checkpoint {saved.get(k, defaults[k])!r}, now {v!r}"
+        for k, v in now.items()
+        if saved.get(k, defaults[k]) != v
+    ]
 
 
 def online_text(cfg: RunConfig, *, mesh: Any, rules: Any, model_cfg: FluxConfig) -> tuple[TextTowers, dict]:
@@ -479,6 +485,7 @@ def setup(
             tx=tx,
             objective=objective,
             ema_decay=cfg.optim.ema_decay,
+            master_dtype=cfg.optim.master_dtype,
             mesh=mesh,
             remat=RematSearch(capacity=device_capacity(mesh.devices.flat[0])) if cfg.model.remat == AUTO else None,
             text=text,

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flux_jax.errors import ConfigError
 from flux_jax.run_config import TrainConfig
+from flux_jax.train.optim import opt_state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +102,16 @@ def state_shardings_for(tx: optax.GradientTransformation, lora: dict[str, Any], 
 
     ``lora`` holds arrays or ShapeDtypeStructs that carry shardings. Every params-shaped tree in the optimizer
     state (Adam's moments, Lion's momentum, Adafactor's unfactored second moment, MultiSteps' accumulator) takes its
-    param's sharding, found with ``optax.tree_map_params``; everything else (scalar counters, factored statistics)
-    is replicated. Left to the compiler, ``tx.init``'s zeros would come out replicated on every chip. Only shapes
-    are needed, so the trainer and the planner get the same answer.
+    param's sharding and Adafactor's row / column statistics the param's spec without the averaged-out dim
+    (`optim.opt_state_shardings`); everything else (scalar counters) is replicated. Left to the compiler,
+    ``tx.init``'s zeros would come out replicated on every chip. Only shapes are needed, so the trainer and the
+    planner get the same answer.
     """
     repl = replicated(mesh)
 
-    def on_mesh(s: Any) -> NamedSharding:
-        return s if isinstance(s, NamedSharding) and s.mesh == mesh else repl
-
-    def like_param(leaf: Any, param: Any) -> NamedSharding:
-        return on_mesh(param.sharding) if tuple(leaf.shape) == tuple(param.shape) else repl
-
     lora_sh = {k: v.sharding for k, v in lora.items()}
     _note_unsplit(lora_sh, lora, mesh)
-    abstract_opt = jax.eval_shape(tx.init, lora)
-    opt_sh = optax.tree_map_params(tx, like_param, abstract_opt, lora, transform_non_params=lambda _: repl)
+    opt_sh = opt_state_shardings(tx, lora, mesh)
     return TrainState(step=repl, lora=lora_sh, opt_state=opt_sh, ema=lora_sh if ema else None, rng=repl)
 
 

@@ -36,6 +36,7 @@ from flux_jax.model.lora import seed_dropout, set_lora_training
 from flux_jax.sharding import batch_sharding
 from flux_jax.train.memory import RematSearch, choose, memory_summary, with_remat
 from flux_jax.train.objective import Objective, flow_loss
+from flux_jax.train.rounding import apply_updates
 from flux_jax.train.state import TrainState, abstract_like, replicated, unflatten
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def train_step(
     tx: optax.GradientTransformation,
     objective: Objective,
     ema_decay: float | None,
+    master_dtype: str = "fp32",
     text: TextTowers | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update over ``micro`` micro-batches (see the module docstring)."""
@@ -104,9 +106,12 @@ def train_step(
         loss = loss / micro
         grads = jax.tree.map(lambda g: g / micro, grads)
 
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.lora)
+    if master_dtype == "fp32":
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.lora)
+    # bf16 masters (optim.master_dtype): the fp32 gradients go to the optimizer, whose state and updates are fp32,
+    # and each update is rounded into its bf16 weight stochastically, keyed by this step's key.
     updates, opt_state = tx.update(grads, state.opt_state, state.lora)
-    lora = optax.apply_updates(state.lora, updates)
+    lora = apply_updates(state.lora, updates, key, master_dtype)
     ema = state.ema
     if ema is not None:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p.astype(e.dtype), ema, lora)
@@ -207,6 +212,7 @@ class StepCompiler:
         objective: Objective,
         ema_decay: float | None,
         mesh: Mesh,
+        master_dtype: str = "fp32",
         step_fn: Callable[..., Any] = train_step,
         remat: RematSearch | None = None,
         text: TextTowers | None = None,
@@ -225,7 +231,9 @@ class StepCompiler:
         self.state_shardings = state_shardings
         self.batch_sharding = batch_sharding(mesh, batch_dim=1)  # leaves are [micro, rows, ...]
         online = {} if text is None else {"text": text}
-        self._bind = functools.partial(step_fn, tx=tx, objective=objective, ema_decay=ema_decay, **online)
+        self._bind = functools.partial(
+            step_fn, tx=tx, objective=objective, ema_decay=ema_decay, master_dtype=master_dtype, **online
+        )
         self.traces = 0  # how often jax traced the step (the Python body runs only while tracing)
         self.remat_search = remat
         self.remat_policy: str | None = None if remat is not None else graphdef_remat(graphdef, template, frozen)

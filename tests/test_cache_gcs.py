@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from flux_jax.data.cache import resolve_cache_dir
 from flux_jax.data.cache_remote import default_local_root
@@ -29,6 +28,7 @@ from flux_jax.errors import ConfigError
 from flux_jax.run_config import load_config
 from tests.helpers.compile_cache import child_env
 from tests.helpers.gcs_server import fake_gcs
+from tests.helpers.photo_workspace import photo_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -134,16 +134,7 @@ print("RESULT " + json.dumps(result))
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from flux_jax.data.demo import build_demo_encoders
-
-    base = tmp_path_factory.mktemp("gcs-cache")
-    photos = base / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text(f"a photo of a cat {i}")
-    return {"base": base, "photos": photos, "encoders": build_demo_encoders(base / "encoders")}
+    return photo_workspace(tmp_path_factory.mktemp("gcs-cache"))
 
 
 @pytest.fixture(scope="module")

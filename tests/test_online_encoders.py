@@ -19,7 +19,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from flux_jax import cli
 from flux_jax.data.cache import CACHE_JSON, record_bytes
@@ -36,6 +35,7 @@ from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.loop import train
 from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.validation import open_loss_source
+from tests.helpers.photo_workspace import photo_workspace
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -48,16 +48,10 @@ pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> dict[str, Path]:
-    from flux_jax.data.demo import build_demo_encoders
+    def caption(i: int) -> str:  # several lengths, so the T5 ids pad differently
+        return f"a photo of a cat number {i}, {'very ' * i}fluffy"
 
-    base = tmp_path_factory.mktemp("online")
-    photos = base / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text(f"a photo of a cat number {i}, {'very ' * i}fluffy")
-    return {"base": base, "photos": photos, "encoders": build_demo_encoders(base / "encoders")}
+    return photo_workspace(tmp_path_factory.mktemp("online"), caption)
 
 
 def overrides(ws: dict[str, Path], cache: str, out: str, *extra: str) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from flux_jax import cli
 from flux_jax.data.cache import build_cache
@@ -27,6 +26,7 @@ from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.run_config import load_config
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.state import flat_params, split_trainable
+from tests.helpers.photo_workspace import photo_workspace
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -40,16 +40,7 @@ pytestmark = pytest.mark.usefixtures("train_compile_cache")  # conftest.py
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> dict[str, Path]:
-    from flux_jax.data.demo import build_demo_encoders
-
-    base = tmp_path_factory.mktemp("autocache")
-    photos = base / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-        (photos / f"p{i}.txt").write_text(f"a photo of a cat {i}")
-    return {"base": base, "photos": photos, "encoders": build_demo_encoders(base / "encoders")}
+    return photo_workspace(tmp_path_factory.mktemp("autocache"))
 
 
 def overrides(ws: dict[str, Path], cache: str, out: str | None = None, *extra: str) -> list[str]:

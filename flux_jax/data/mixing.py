@@ -34,7 +34,7 @@ import numpy as np
 
 from flux_jax.data.cache import resolve_cache_dir
 from flux_jax.data.examples import BatchShape, Example
-from flux_jax.data.pipeline import _NO_END, STATE_VERSION, EpochPlanner, load_batch, open_cache
+from flux_jax.data.pipeline import _NO_END, STATE_VERSION, EpochPlanner, check_hosts, load_batch, open_cache
 from flux_jax.errors import ConfigError, DataError
 from flux_jax.run_config import RunConfig
 from flux_jax.storage import is_remote
@@ -212,10 +212,7 @@ class MixedTrainIterator:
         read_threads: int = 4,
         prefetch: int = 2,
     ):
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} is not in [0, {process_count})")
-        if global_batch % process_count:
-            raise DataError(f"global batch {global_batch} does not split over {process_count} hosts")
+        check_hosts(global_batch, process_index, process_count)
         if not parts:
             raise DataError("no datasets to train on")
         self.parts = list(parts)

@@ -172,10 +172,7 @@ class TrainIterator:
         read_threads: int = 4,
         prefetch: int = 2,
     ):
-        if not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} is not in [0, {process_count})")
-        if global_batch % process_count:
-            raise DataError(f"global batch {global_batch} does not split over {process_count} hosts")
+        check_hosts(global_batch, process_index, process_count)
         self.cache = cache
         self.global_batch = global_batch
         self.rows = global_batch // process_count
@@ -243,6 +240,14 @@ class TrainIterator:
     def epoch(self) -> int:
         """The epoch of the next batch."""
         return self.get_state()["next_batch"] // self.batches_per_epoch
+
+
+def check_hosts(global_batch: int, process_index: int, process_count: int) -> None:
+    """This host's place among ``process_count`` and the global batch splitting evenly over them."""
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process_index {process_index} is not in [0, {process_count})")
+    if global_batch % process_count:
+        raise DataError(f"global batch {global_batch} does not split over {process_count} hosts")
 
 
 def open_cache(cfg: Any) -> LatentCacheReader:

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from flux_jax.data.cache import resolve_cache_dir
 from flux_jax.data.examples import BatchShape, Example
-from flux_jax.data.pipeline import _NO_END, STATE_VERSION, EpochPlanner, check_hosts, load_batch, open_cache
+from flux_jax.data.pipeline import BatchStream, EpochPlanner, batch_numbers, check_hosts, load_batch, open_cache
 from flux_jax.errors import ConfigError, DataError
 from flux_jax.run_config import RunConfig
 from flux_jax.storage import is_remote
@@ -195,10 +195,12 @@ class MixPart:
     weight: float | None = None
 
 
-class MixedTrainIterator:
+class MixedTrainIterator(BatchStream):
     """`pipeline.TrainIterator` over several datasets (see the module docstring); the same batch dicts, plus
     ``dataset`` [b] int32 (the index of the dataset of every row), and the same state, whose ``dataset`` is a
     fingerprint of all caches, weights and per-record repeats (a state of another mix is refused)."""
+
+    _STATE_LABEL = "datasets"
 
     def __init__(
         self,
@@ -241,23 +243,15 @@ class MixedTrainIterator:
             float(p.weight) if p.weight is not None else float(planner.batches_per_epoch)
             for p, planner in zip(self.parts, self.planners, strict=True)
         ]
-        streams = [
-            grain.MapDataset.range(0, _NO_END).map(functools.partial(self._load, j)) for j in range(len(self.parts))
-        ]
-        # Batch-level mixing: a pure function of the global batch index (grain interleaves by the weights).
-        self._dataset = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, self.weights)
-        self._options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
+        streams = [batch_numbers(functools.partial(self._load, j)) for j in range(len(self.parts))]
         digest = hashlib.sha256()
         for part, weight in zip(self.parts, self.weights, strict=True):
             digest.update(json.dumps([str(part.cache.fingerprint), weight]).encode())
             digest.update(np.asarray(part.repeats, np.int64).tobytes())
         self.fingerprint = "mix-" + digest.hexdigest()[:32]
-        self._start(0)
-
-    def _start(self, next_batch: int) -> None:
-        self._iter = iter(self._dataset.to_iter_dataset(self._options))
-        if next_batch:
-            self._iter.set_state({"next_index": next_batch})
+        # Batch-level mixing: a pure function of the global batch index (grain interleaves by the weights).
+        mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, self.weights)
+        self._open(mixed, read_threads=read_threads, prefetch=prefetch)
 
     def _load(self, j: int, index: int) -> dict[str, np.ndarray]:
         batch = load_batch(
@@ -265,38 +259,6 @@ class MixedTrainIterator:
         )
         batch["dataset"] = np.full(self.rows, j, np.int32)
         return batch
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
-
-    def get_state(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            "next_batch": int(self._iter.get_state()["next_index"]),
-            "global_batch": self.global_batch,
-            "seed": self.seed,
-            "dataset": self.fingerprint,
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """As `TrainIterator.set_state`: refuses a state of another mix, seed or global batch."""
-        try:
-            version, next_batch = int(state["version"]), int(state["next_batch"])
-            theirs = (int(state["global_batch"]), int(state["seed"]), str(state["dataset"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"invalid data-iterator state {state!r}: {e!r}") from None
-        if version != STATE_VERSION:
-            raise DataError(f"data-iterator state version {version} is not {STATE_VERSION}")
-        ours = (self.global_batch, self.seed, self.fingerprint)
-        if theirs != ours:
-            raise DataError(
-                "the checkpoint's data-iterator state does not belong to this input pipeline (global batch, seed, "
-                f"datasets: {theirs} vs {ours}); resuming would repeat or skip examples"
-            )
-        self._start(next_batch)
 
 
 def make_mixed_iterator(

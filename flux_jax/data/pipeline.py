@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -151,7 +151,69 @@ def load_batch(cache: Any, planned: PlannedBatch, lo: int, rows: int) -> dict[st
     }
 
 
-class TrainIterator:
+class BatchStream:
+    """What both train iterators share (`TrainIterator`, `mixing.MixedTrainIterator`): a grain dataset of batches
+    indexed by the global batch number, read ahead by threads, and a JSON-able state (the next batch number, checked
+    against the global batch, seed and ``fingerprint`` of the data it was taken on). A subclass sets
+    ``global_batch``, ``seed``, ``fingerprint`` and calls `_open` with its dataset."""
+
+    global_batch: int
+    seed: int
+    fingerprint: str
+    _STATE_LABEL = "cache"  # how a state-mismatch message names the fingerprint
+
+    def _open(self, dataset: grain.MapDataset, *, read_threads: int, prefetch: int) -> None:
+        self._dataset = dataset
+        self._options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
+        self._start(0)
+
+    def _start(self, next_batch: int) -> None:
+        self._iter = iter(self._dataset.to_iter_dataset(self._options))
+        if next_batch:
+            self._iter.set_state({"next_index": next_batch})
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iter)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able; store it in the trainer checkpoint next to the step."""
+        return {
+            "version": STATE_VERSION,
+            "next_batch": int(self._iter.get_state()["next_index"]),
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "dataset": self.fingerprint,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from a `get_state` taken on this or another host count; refuses a state that would not
+        continue the same sequence (other data, seed or global batch)."""
+        try:
+            version, next_batch = int(state["version"]), int(state["next_batch"])
+            theirs = (int(state["global_batch"]), int(state["seed"]), str(state["dataset"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"invalid data-iterator state {state!r}: {e!r}") from None
+        if version != STATE_VERSION:
+            raise DataError(f"data-iterator state version {version} is not {STATE_VERSION}")
+        ours = (self.global_batch, self.seed, self.fingerprint)
+        if theirs != ours:
+            raise DataError(
+                "the checkpoint's data-iterator state does not belong to this input pipeline "
+                f"(global batch, seed, {self._STATE_LABEL}: {theirs} vs {ours}); resuming would repeat or skip "
+                "examples"
+            )
+        self._start(next_batch)
+
+
+def batch_numbers(load: Callable[[int], dict[str, np.ndarray]]) -> grain.MapDataset:
+    """``load(n)`` for every global batch number n (endless: the epochs follow one another)."""
+    return grain.MapDataset.range(0, _NO_END).map(load)
+
+
+class TrainIterator(BatchStream):
     """Yields this host's batches: dicts of numpy arrays, one bucket per batch.
 
     ``latents`` [b, L, 64] bf16, ``t5`` [b, Lt, D] bf16, ``clip`` [b, D'] float32 (from an online cache instead
@@ -186,55 +248,15 @@ class TrainIterator:
             caption_dropout=caption_dropout,
         )
         self.seed = seed
-        self._options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
-        self._dataset = grain.MapDataset.range(0, _NO_END).map(self._load)
-        self._start(0)
+        self.fingerprint = cache.fingerprint
+        self._open(batch_numbers(self._load), read_threads=read_threads, prefetch=prefetch)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.planner.batches_per_epoch
 
-    def _start(self, next_batch: int) -> None:
-        self._iter = iter(self._dataset.to_iter_dataset(self._options))
-        if next_batch:
-            self._iter.set_state({"next_index": next_batch})
-
     def _load(self, index: int) -> dict[str, np.ndarray]:
         return load_batch(self.cache, self.planner.batch(index), self.process_index * self.rows, self.rows)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iter)
-
-    def get_state(self) -> dict[str, Any]:
-        """JSON-able; store it in the trainer checkpoint next to the step."""
-        return {
-            "version": STATE_VERSION,
-            "next_batch": int(self._iter.get_state()["next_index"]),
-            "global_batch": self.global_batch,
-            "seed": self.seed,
-            "dataset": self.cache.fingerprint,
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from a `get_state` taken on this or another host count; refuses a state that would not
-        continue the same sequence (another cache, seed or global batch)."""
-        try:
-            version, next_batch = int(state["version"]), int(state["next_batch"])
-            theirs = (int(state["global_batch"]), int(state["seed"]), str(state["dataset"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"invalid data-iterator state {state!r}: {e!r}") from None
-        if version != STATE_VERSION:
-            raise DataError(f"data-iterator state version {version} is not {STATE_VERSION}")
-        ours = (self.global_batch, self.seed, self.cache.fingerprint)
-        if theirs != ours:
-            raise DataError(
-                "the checkpoint's data-iterator state does not belong to this input pipeline "
-                f"(global batch, seed, cache: {theirs} vs {ours}); resuming would repeat or skip examples"
-            )
-        self._start(next_batch)
 
     @property
     def epoch(self) -> int:

@@ -35,7 +35,7 @@ from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.loop import train
 from flux_jax.train.state import flat_params, split_trainable
 from flux_jax.train.validation import open_loss_source
-from tests.helpers.photo_workspace import photo_workspace
+from tests.helpers.photo_workspace import photo_workspace, workspace_overrides
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -55,23 +55,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(ws: dict[str, Path], cache: str, out: str, *extra: str) -> list[str]:
-    return [
-        "data.synthetic=false",
-        f"data.path={ws['photos']}",
-        f"data.cache_dir={ws['base'] / cache}",
-        "data.resolution=64",
-        "data.flip=true",
-        f"encoders.root={ws['encoders']}",
-        "encoders.dtype=fp32",
-        f"encoders.t5_max_length={T5_LEN}",
-        "encoders.batch_size=8",
-        f"train.steps={STEPS}",
-        "checkpoint.every=100",
-        "checkpoint.async_save=false",
-        "log.tensorboard=false",
-        f"output_dir={ws['base'] / out}",
-        *extra,
-    ]
+    return workspace_overrides(ws, cache, out, *extra, steps=STEPS, t5_len=T5_LEN)
 
 
 def config(ws: dict[str, Path], cache: str, out: str, *extra: str):

@@ -26,7 +26,7 @@ from flux_jax.data.cache_reader import LatentCacheReader
 from flux_jax.run_config import load_config
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.state import flat_params, split_trainable
-from tests.helpers.photo_workspace import photo_workspace
+from tests.helpers.photo_workspace import photo_workspace, workspace_overrides
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 STEPS = 3
@@ -44,23 +44,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(ws: dict[str, Path], cache: str, out: str | None = None, *extra: str) -> list[str]:
-    return [
-        "data.synthetic=false",
-        f"data.path={ws['photos']}",
-        f"data.cache_dir={ws['base'] / cache}",
-        "data.resolution=64",
-        "data.flip=true",
-        f"encoders.root={ws['encoders']}",
-        "encoders.dtype=fp32",
-        "encoders.t5_max_length=16",
-        "encoders.batch_size=8",
-        f"train.steps={STEPS}",
-        "checkpoint.every=100",
-        "checkpoint.async_save=false",
-        "log.tensorboard=false",
-        f"output_dir={ws['base'] / (out or 'unused-run')}",
-        *extra,
-    ]
+    return workspace_overrides(ws, cache, out or "unused-run", *extra, steps=STEPS)
 
 
 def flux_jax(*argv: str) -> tuple[int, str, str]:

@@ -21,3 +21,25 @@ def photo_workspace(base: Path, caption: Callable[[int], str] = lambda i: f"a ph
         Image.fromarray(rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
         (photos / f"p{i}.txt").write_text(caption(i))
     return {"base": base, "photos": photos, "encoders": build_demo_encoders(base / "encoders")}
+
+
+def workspace_overrides(ws: dict[str, Path], cache: str, out: str, *extra: str, steps: int, t5_len: int = 16):
+    """configs/tiny.yaml overrides that cache ``ws``'s photos (64 px, flipped, fp32 demo encoders) into
+    ``ws``/``cache`` and train ``steps`` steps into ``ws``/``out``; ``extra`` comes last."""
+    return [
+        "data.synthetic=false",
+        f"data.path={ws['photos']}",
+        f"data.cache_dir={ws['base'] / cache}",
+        "data.resolution=64",
+        "data.flip=true",
+        f"encoders.root={ws['encoders']}",
+        "encoders.dtype=fp32",
+        f"encoders.t5_max_length={t5_len}",
+        "encoders.batch_size=8",
+        f"train.steps={steps}",
+        "checkpoint.every=100",
+        "checkpoint.async_save=false",
+        "log.tensorboard=false",
+        f"output_dir={ws['base'] / out}",
+        *extra,
+    ]

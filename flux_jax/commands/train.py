@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train a Flux LoRA (guidance 1.0 on Dev2Pro by default); resumes from output_dir"
+HELP = (
+    "train a Flux LoRA (guidance 1.0 on Dev2Pro by default; train.mode: full trains the whole transformer); caches "
+    "uncached images first; resumes from output_dir"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

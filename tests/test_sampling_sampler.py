@@ -207,3 +207,20 @@ def test_extra_states_complete_or_replace_the_params(pipeline, one_device):
     plain = np.asarray(one_device[0].latents(cond, SMALL))
     np.testing.assert_allclose(np.asarray(whole.latents(cond, SMALL, extra=zero)), plain, atol=1e-6, rtol=0)
     assert np.abs(want - plain).max() > 1e-3  # the LoRA did change the picture
+
+
+def test_the_vae_decodes_one_image_at_a_time_with_one_program(one_device):
+    # FLUX.1's decoder needs ~3 GiB per 1024 px image: decoding a batch at once outgrew a v5e chip during
+    # validation. One compiled program of one image serves every batch size, and the images are those of decoding
+    # each latent on its own.
+    sampler, text = one_device
+    settings = replace(SMALL, width=32, height=32)
+    latents = sampler.latents(text.encode(PROMPTS[:2]), replace(settings, seed=3))
+    assert latents.shape[0] == 2
+    batch = sampler.decode(latents, settings)
+    alone = [sampler.decode(latents[i : i + 1], settings) for i in range(2)]
+    np.testing.assert_array_equal(batch, np.concatenate(alone))
+    f = sampler.vae_config.spatial_factor
+    lowered = sampler._decode.lower(sampler._decoder[1], latents, np.int32(0), unscale_dtype=jnp.float32,
+                                    h=settings.height // f, w=settings.width // f)  # fmt: skip
+    assert lowered.out_info.shape == (1, 32, 32, 3)  # the program for a batch of 2 decodes one image

@@ -28,7 +28,7 @@ from flux_jax.train import build
 from flux_jax.train.build import BASE_PARAMS
 from flux_jax.train.checkpointing import read_lora_weights
 from flux_jax.train.lease import RunDirBusyError
-from flux_jax.train.loop import TrainingDivergedError, setup, train
+from flux_jax.train.loop import TrainingDivergedError, _optim_changes, setup, train
 from flux_jax.train.lora_sources import export_lora
 from flux_jax.train.objective import Objective, warn_about_guidance
 from flux_jax.train.state import flat_params, split_trainable
@@ -287,6 +287,15 @@ def test_changing_the_optimizer_on_resume_is_one_clear_line(single_device_run):
     assert "\n" not in message and "partial_restore" not in message
     assert f"{run_dir / 'checkpoints' / '3'}: cannot resume: the optimizer settings changed since this checkpoint " \
            "(optim.name: checkpoint 'adamw', now 'lion')" in message  # fmt: skip
+
+
+def test_an_optimizer_setting_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    # A checkpoint written before optim.master_dtype existed ran with its default (fp32): only what really
+    # changed is named when its optimizer state does not fit.
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "optim.name=lion"])
+    saved = {k: v for k, v in load_config(TINY, [f"output_dir={tmp_path}"]).to_dict()["optim"].items()}
+    del saved["master_dtype"]
+    assert _optim_changes({"config": {"optim": saved}}, cfg) == ["optim.name: checkpoint 'adamw', now 'lion'"]
 
 
 def test_exporting_a_run_logs_no_read_only_notice(single_device_run, caplog):
